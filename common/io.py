@@ -1,0 +1,119 @@
+"""File I/O that fails loudly and never leaves half-written outputs behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (or case) and the problem."""
+
+    def __init__(self, where: Any, problem: str):
+        self.where = str(where)
+        self.problem = problem
+        super().__init__(f"{where}: {problem}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keep the suffix(es) so libraries that dispatch on the extension (nibabel, PIL) still work
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent, default=_json_default) + "\n")
+    return Path(path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, header=None, dtype=None) -> Path:
+    """Write a NIfTI atomically; ``header`` (e.g. from the input mask) keeps orientation codes and spacing."""
+    import nibabel as nib
+
+    data = np.asarray(array)
+    if dtype is not None:
+        data = data.astype(dtype)
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=header)
+    if header is not None:
+        img.header.set_data_dtype(data.dtype)
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def load_nifti(path: str | os.PathLike, dtype=np.float32, allow_nan: bool = False):
+    """Read a NIfTI volume -> (array, affine, header), with errors that name the file and the problem."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "file does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(path, "file is empty (0 bytes)")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise DataError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
+    if data.size == 0:
+        raise DataError(path, "image has no voxels")
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
+    if not allow_nan and np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        n_bad = int((~np.isfinite(data)).sum())
+        raise DataError(path, f"contains {n_bad} NaN/Inf voxels")
+    return data, img.affine, img.header
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def torch_load(path: str | os.PathLike, map_location="cpu") -> Any:
+    """Load a checkpoint safely (``weights_only=True``), naming the file when it fails."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "checkpoint file does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise DataError(path, f"cannot load checkpoint ({type(exc).__name__}: {exc})") from exc

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny phantom datasets made once per test session, GPU test skipping."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+# Small grid for tests: the whole 240x240x155 mm field of view at coarser voxels.
+TINY_SHAPE = (64, 64, 40)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _limit_threads():
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory):
+    """Six tiny BraTS-2023-layout phantom cases (HGG and LGG), shared read-only by the whole session."""
+    from common.phantom import make_phantoms
+
+    root = tmp_path_factory.mktemp("phantoms_brats2023")
+    make_phantoms(root, n=6, layout="brats2023", seed=0, shape=TINY_SHAPE, progress=False)
+    return root

@@ -1,0 +1,1 @@
+"""Command-line tools of the collection: ``python -m tools <command> --help``."""

@@ -1,0 +1,42 @@
+"""``python -m tools <command>``: one fire entry point for every project command.
+
+Each command lives in ``tools/<command>.py`` as a function of the same name; it is imported only when
+it is asked for, so ``python -m tools --help`` stays fast and one command's heavy imports never slow another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "phantoms": "Write N physics-based brain-tumor phantom cases in a BraTS layout.",
+    "datalist": "Detect a dataset's layout, validate every case and write a datalist with folds.",
+    "preprocess": "FeTS-style preprocessing: reorient, N4, co-register, skull-strip, crop, resample, normalise.",
+    "evaluate": "Evaluate synthetic against real images (FID/KID, MS-SSIM, SSIM/PSNR/MAE, ...).",
+    "demo": "The main job on embedded data: phantoms -> preprocessing -> datalist -> QC pictures.",
+}
+
+
+def _load(name: str):
+    return getattr(importlib.import_module(f"tools.{name}"), name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import fire
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        width = max(map(len, COMMANDS))
+        print("usage: python -m tools <command> [--flags]   (python -m tools <command> --help for details)\n")
+        for name, summary in COMMANDS.items():
+            print(f"  {name:<{width}}  {summary}")
+        return
+    name = argv[0]
+    if name not in COMMANDS:
+        sys.exit(f"unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
+    fire.Fire(_load(name), command=argv[1:], name=f"python -m tools {name}")
+
+
+if __name__ == "__main__":
+    main()
