@@ -1,0 +1,55 @@
+"""One evaluation suite for every bundle: image quality, paired similarity, memorisation, downstream tasks.
+
+Array functions (usable in validation loops without files) and ``evaluate_sets`` (files -> report).
+"""
+
+from common.metrics.classification import classification_scores
+from common.metrics.distribution import (
+    bootstrap_interval,
+    fid_report,
+    frechet_distance,
+    image_mmd,
+    kernel_inception_distance,
+    kid_report,
+    metric_vs_count,
+    mmd2_unbiased,
+)
+from common.metrics.evaluate import EvalConfig, evaluate_segmentations, evaluate_sets, load_items, load_volume
+from common.metrics.features import (
+    SliceFeatureExtractor,
+    VolumeFeatureExtractor,
+    build_extractor,
+    extract_features,
+    find_weights,
+)
+from common.metrics.memorisation import nearest_neighbours
+from common.metrics.segmentation import (
+    binary_scores,
+    cohen_kappa,
+    conditioning_fidelity,
+    mean_scores,
+    region_values,
+    segmentation_scores,
+)
+from common.metrics.similarity import (
+    mae,
+    ms_ssim,
+    ms_ssim_diversity,
+    ms_ssim_fidelity,
+    ms_ssim_settings,
+    paired_scores,
+    percentile_normalise,
+    psnr,
+    ssim,
+)
+
+__all__ = [
+    "EvalConfig", "evaluate_sets", "evaluate_segmentations", "load_items", "load_volume",
+    "SliceFeatureExtractor", "VolumeFeatureExtractor", "build_extractor", "extract_features", "find_weights",
+    "frechet_distance", "kernel_inception_distance", "mmd2_unbiased", "image_mmd", "bootstrap_interval",
+    "fid_report", "kid_report", "metric_vs_count",
+    "ssim", "psnr", "mae", "ms_ssim", "ms_ssim_settings", "ms_ssim_fidelity", "ms_ssim_diversity",
+    "paired_scores", "percentile_normalise",
+    "binary_scores", "segmentation_scores", "cohen_kappa", "mean_scores", "region_values", "conditioning_fidelity",
+    "classification_scores", "nearest_neighbours",
+]

@@ -1,0 +1,173 @@
+"""End to end: tiny NIfTI sets -> ``python -m tools evaluate`` / ``evaluate_sets`` -> metrics.json, report, PNGs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from common.io import load_nifti, save_json, save_nifti
+from common.metrics import EvalConfig, evaluate_sets, load_items
+
+SHAPE = (24, 24, 16)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _case(rng, tumor_at):
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij")
+    brain = x**2 + y**2 + (z * 1.2) ** 2 < 0.8
+    label = np.zeros(SHAPE, np.uint8)
+    tx, ty, tz = tumor_at
+    label[tx - 3 : tx + 3, ty - 3 : ty + 3, tz - 2 : tz + 2] = 2
+    label[tx - 1 : tx + 1, ty - 1 : ty + 1, tz - 1 : tz + 1] = 3
+    label[~brain] = 0
+    texture = rng.random(SHAPE).astype(np.float32)
+    images = {}
+    for k, c in enumerate(("t1n", "t1c", "t2w", "t2f")):
+        img = (0.6 + 0.1 * k + 0.3 * texture + 0.8 * (label > 0) * (k - 1.5)) * brain
+        images[c] = np.clip(img, 0, None).astype(np.float32) * 1000
+    return images, label
+
+
+def _write_case(folder, images, label=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for c, img in images.items():
+        save_nifti(img, np.eye(4), folder / f"{c}.nii.gz")
+    if label is not None:
+        save_nifti(label, np.eye(4), folder / "seg.nii.gz", dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """Real folder (5 cases), a synthetic copy (two contrasts only), and a noised copy."""
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    cases = {f"case{i}": _case(rng, (8 + i, 12, 8)) for i in range(5)}
+    for cid, (images, label) in cases.items():
+        _write_case(root / "real" / cid, images, label)
+        _write_case(root / "copy" / cid, {c: images[c] for c in ("t1n", "t2f")})
+        noised = {c: np.clip(v + rng.normal(0, 150, SHAPE).astype(np.float32) * (v > 0), 0, None) for c, v in images.items()}
+        _write_case(root / "noised" / cid, noised)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2))
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(net), str(root / "features.ts"))
+    return root
+
+
+@pytest.mark.slow
+def test_cli_comparing_a_set_with_itself(sets, tmp_path):
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "tools", "evaluate", "--real", str(sets / "real"), "--synthetic", str(sets / "copy"),
+           "--out", str(out), "--extractor", str(sets / "features.ts"), "--extractor_mode", "2d",
+           "--n_bootstrap", "20", "--n_montages", "1", "--progress", "False"]
+    env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["contrasts"]) == {"t1n", "t2f"}
+    assert any("t1c: absent from the synthetic set" in n for n in metrics["notes"])
+    t2f = metrics["contrasts"]["t2f"]
+    assert t2f["fid"]["value"] == pytest.approx(0, abs=1e-6)
+    assert (t2f["fid"]["n_real"], t2f["fid"]["n_synthetic"]) == (5, 5)
+    assert t2f["fid"]["ci"]["n_bootstrap"] == 20
+    assert t2f["paired"]["n_pairs"] == 5
+    for key in ("ssim_brain", "ssim_lesion"):
+        assert t2f["paired"]["mean"][key] == pytest.approx(1, abs=1e-5)
+    assert t2f["paired"]["mean"]["mae_brain"] == 0
+    assert t2f["ms_ssim_fidelity"]["mean"] == pytest.approx(1, abs=1e-5)
+    report = (out / "report.md").read_text()
+    assert "## t2f" in report and "| FID | 0" in report
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {"histograms.png", "metric_vs_count.png"} <= set(pngs) and any(p.startswith("montage_00") for p in pngs)
+    for p in pngs:
+        assert (out / p).stat().st_size > 5000 and (out / p).read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".evaluate-*"))  # no staging folder left behind
+
+
+def test_api_noised_copies_score_worse_with_diversity_memorisation_and_conditioning(sets, tmp_path):
+    from tests.test_metrics_segmentation import ThresholdSegmenter
+
+    real = load_items(sets / "real")
+    # a synthetic datalist: two noised samples per condition, named by source_id
+    items = []
+    for cid in ("case0", "case1"):
+        for k in range(2):
+            items.append({"id": f"{cid}_s{k}", "source_id": cid,
+                          **{c: os.path.relpath(sets / ("noised" if k else "copy") / cid / f"{c}.nii.gz", tmp_path)
+                             for c in ("t1n", "t2f")}})
+    save_json({"testing": items}, tmp_path / "synthetic.json")
+    synth = load_items(tmp_path / "synthetic.json")
+    assert Path(synth[0]["t1n"]).is_absolute()
+    config = EvalConfig(extractor=str(sets / "features.ts"), extractor_mode="2.5d", contrasts=("t2f", "t1c"),
+                        n_bootstrap=10, kid_subsets=10, n_montages=1, progress=False, curves=False)
+    metrics = evaluate_sets(real, synth, tmp_path / "out", config, train_items=real,
+                            segmenter=ThresholdSegmenter(), segmenter_contrasts=("t2f",))
+    t2f = metrics["contrasts"]["t2f"]
+    assert metrics["info"]["n_paired"] == 4 and t2f["paired"]["n_pairs"] == 4
+    assert 0.2 < t2f["paired"]["mean"]["ssim_brain"] < 0.999  # half the samples are noised
+    assert t2f["fid"]["value"] > 0 and t2f["kid"]["subset_size"] >= 2
+    div = t2f["ms_ssim_diversity"]
+    assert div["n_conditions"] == 2 and div["n_pairs"] == 2 and div["mean"] < 0.999
+    mem = t2f["memorisation"]
+    flagged = {s["id"] for s in mem["samples"] if s["near_copy"]}
+    assert {"case0_s0", "case1_s0"} <= flagged  # exact copies of training cases are caught
+    assert "t1c" not in metrics["contrasts"]
+    assert "conditioning_fidelity" in metrics and metrics["conditioning_fidelity"]["n_cases"] == 4
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["contrasts"]["t2f"]["fid"]["value"] == pytest.approx(t2f["fid"]["value"])
+
+
+def test_missing_extractor_weights_fail_with_a_clear_message(sets, tmp_path, monkeypatch):
+    from tools.evaluate import evaluate
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(SystemExit, match="inception_v3_google-0cc3c7bd.pth"):
+        evaluate(str(sets / "real"), str(sets / "copy"), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_phantoms_in_brats_layout_against_a_partial_synthetic_copy(phantom_root, tmp_path):
+    """Real BraTS-2023 phantoms through the layout reader; the synthetic copy has only FLAIR for 3 cases."""
+    import shutil
+
+    real = load_items(phantom_root)
+    synth_root = tmp_path / "synthetic"
+    for it in real[:3]:
+        case = synth_root / Path(it["t2f"]).parent.name
+        case.mkdir(parents=True)
+        shutil.copy(it["t2f"], case / Path(it["t2f"]).name)
+    synth = load_items(synth_root)
+    assert all(it["t1n"] is None and it["t2f"] for it in synth)
+    config = EvalConfig(extractor=None, n_bootstrap=10, n_montages=1, progress=False)
+    metrics = evaluate_sets(real, synth, tmp_path / "out", config)
+    assert list(metrics["contrasts"]) == ["t2f"]
+    t2f = metrics["contrasts"]["t2f"]
+    assert t2f["paired"]["n_pairs"] == 3 and t2f["paired"]["mean"]["ssim_lesion"] == pytest.approx(1, abs=1e-5)
+    assert t2f["mmd"]["n_per_set"] == 3 and "fid" not in t2f
+    assert sum("absent from the synthetic set" in n for n in metrics["notes"]) == 3
+
+
+def test_downstream_segmentation_files_are_scored_by_case(sets, tmp_path):
+    from common.metrics import evaluate_segmentations
+
+    real = load_items(sets / "real")[:2]
+    preds = []
+    for k, it in enumerate(real):
+        label = load_nifti(it["label"], dtype=np.uint8)[0]
+        if k == 1:
+            label = np.where(label == 3, 1, label)  # ET called NETC in the second case
+        save_nifti(label, np.eye(4), tmp_path / f"{it['id']}.nii.gz", dtype=np.uint8)
+        preds.append({"id": it["id"], "label": str(tmp_path / f"{it['id']}.nii.gz")})
+    res = evaluate_segmentations(preds, real, progress=False)
+    assert res["n_cases"] == 2
+    assert res["per_case"]["case0"]["per_region"]["ET"]["dice"] == pytest.approx(1)
+    assert res["per_case"]["case1"]["per_region"]["ET"]["dice"] == 0
+    assert res["mean"]["per_region"]["ET"]["dice"] == pytest.approx(0.5)
+    assert res["mean"]["per_region"]["WT"]["dice"] == pytest.approx(1)
+    with pytest.raises(ValueError, match="no reference"):
+        evaluate_segmentations([{"id": "nope", "label": preds[0]["label"]}], real, progress=False)

@@ -1,0 +1,92 @@
+"""``python -m tools evaluate``: synthetic vs real images -> metrics.json, report.md, PNGs."""
+
+from __future__ import annotations
+
+
+def evaluate(
+    real: str,
+    synthetic: str,
+    out: str,
+    extractor: str = "inception2d",
+    weights: str | None = None,
+    extractor_mode: str = "3d",
+    slice_stride: int = 1,
+    train: str | None = None,
+    segmenter: str | None = None,
+    contrasts: str | tuple | list | None = None,
+    label_scheme: str = "brats2023",
+    n_bootstrap: int = 200,
+    kid_subset_size: int = 1000,
+    n_montages: int = 3,
+    device: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Evaluate synthetic against real images (FID/KID, MMD, MS-SSIM fidelity and diversity, SSIM/PSNR/MAE in
+    brain and lesion, memorisation, conditioning fidelity) and write metrics.json, report.md and PNGs.
+
+    A synthetic case is paired with the real case named by its ``source_id`` / ``condition_id`` (datalist
+    items) or with the real case of the same id. Several synthetic cases of one condition give diversity.
+
+    Args:
+        real: datalist JSON (every section) or dataset folder of the real images (with labels for lesion metrics).
+        synthetic: datalist JSON or folder of generated cases (one folder per case, files named by contrast).
+        out: output folder (created); files appear only once the whole evaluation has succeeded.
+        extractor: FID/KID features: inception2d (torchvision ImageNet Inception-v3 on axial slices),
+            radimagenet2.5d (RadImageNet ResNet-50 on three planes), medicalnet3d (MedicalNet 3D ResNet-50),
+            a TorchScript feature network file, or "none" to skip FID/KID.
+        weights: local weight file of the extractor; default: torch.hub.get_dir()/checkpoints/<published name>:
+            inception_v3_google-0cc3c7bd.pth (torchvision), RadImageNet-ResNet50.pt (RadImageNet PyTorch backbone),
+            resnet_50_23dataset.pth (MedicalNet; also found in the huggingface cache).
+        extractor_mode: for a TorchScript extractor: 2d, 2.5d or 3d.
+        slice_stride: keep every n-th slice for the slice-based extractors (faster on CPU).
+        train: datalist or folder of the training images: enables the memorisation (near-copy) check.
+        segmenter: TorchScript segmentation network (input: the contrasts stacked, z-scored on brain voxels;
+            output: logits) for conditioning fidelity (Dice/HD95/ASSD against the conditioning mask).
+        contrasts: contrasts to evaluate, e.g. t2f or "t1n,t2f" (default: all four).
+        label_scheme: label scheme of the masks (brats2019, brats2023, brats2024, msd, six_label).
+        n_bootstrap: bootstrap resamples for the confidence intervals.
+        kid_subset_size: KID subset size (capped by the smaller set; the value used is reported).
+        n_montages: number of real-vs-synthetic slice montages.
+        device: cuda or cpu (default: cuda when present).
+        seed: seed of subsets and bootstrap.
+        progress: show progress bars.
+    """
+    import torch
+
+    from common import CONTRASTS
+    from common.io import DataError
+    from common.metrics import EvalConfig, evaluate_sets, load_items
+
+    if isinstance(contrasts, str):
+        contrasts = [c.strip() for c in contrasts.split(",") if c.strip()]
+    contrasts = tuple(contrasts or CONTRASTS)
+    unknown = [c for c in contrasts if c not in CONTRASTS]
+    if unknown:
+        raise SystemExit(f"unknown contrasts {unknown}; choose from {CONTRASTS}")
+    options = {}
+    if slice_stride != 1 and extractor in ("inception2d", "radimagenet2.5d"):
+        options["stride"] = slice_stride
+    config = EvalConfig(
+        extractor=None if str(extractor).lower() == "none" else extractor, weights=weights,
+        extractor_mode=extractor_mode, extractor_options=options, device=device, contrasts=contrasts,
+        label_scheme=label_scheme, n_bootstrap=n_bootstrap, kid_subset_size=kid_subset_size,
+        n_montages=n_montages, seed=seed, progress=progress,
+    )
+    seg_net = None
+    if segmenter:
+        try:
+            seg_net = torch.jit.load(segmenter, map_location=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except Exception as exc:
+            raise DataError(segmenter, f"cannot load TorchScript segmentation network ({exc})") from exc
+        seg_net.eval()
+    try:
+        metrics = evaluate_sets(
+            load_items(real), load_items(synthetic), out, config,
+            train_items=load_items(train) if train else None, segmenter=seg_net,
+        )
+    except (FileNotFoundError, ValueError) as exc:  # DataError is a ValueError: name the file and the problem
+        raise SystemExit(f"evaluate failed: {exc}") from exc
+    for note in metrics["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {out}/metrics.json, {out}/report.md and {len(metrics['files']) - 2} PNGs")
