@@ -27,6 +27,15 @@ def test_atomic_path_keeps_old_file_until_success(tmp_path):
     assert target.read_text().strip().endswith("}") and '"v": 1' in target.read_text()
 
 
+def test_outputs_get_normal_permissions(tmp_path):
+    import os
+
+    path = save_json({"a": 1}, tmp_path / "x.json")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
 def test_nifti_round_trip_keeps_affine(tmp_path):
     affine = np.diag([-1.0, -1.0, 2.0, 1.0])
     affine[:3, 3] = [10, 20, -5]
