@@ -1,0 +1,43 @@
+"""Shared ignite/MONAI training engine for the generative bundles.
+
+Trainers (MONAI ``Trainer`` subclasses, hence ignite Engines usable in bundle configs):
+
+* :class:`AutoencoderTrainer` -- KL autoencoder + patch discriminator (L1, KL, perceptual, SSIM,
+  adversarial after a warm-up);
+* :class:`DiffusionTrainer` -- epsilon / v-prediction / sample / rectified-flow regression in pixel or
+  latent space, condition dropout for classifier-free guidance, latent scale factor stored in the network.
+
+Both: ``amp="bf16"|"fp16"|None``, ``grad_clip_norm``, ``ema_decay`` (``trainer.ema_model``), losses
+averaged over processes. ``engine.state.output`` is an :class:`EngineOutput`: ``output["loss"]`` is a
+float and MONAI's ``from_engine(["loss"], first=True)`` (``--tracking mlflow``, ``StatsHandler``) works.
+Around them:
+
+* :mod:`common.engines.checkpoint` -- :class:`FullStateCheckpointer` / :func:`attach_checkpointing`
+  (exact resume, RNG included), :class:`WeightsExporter` (plain ``models/*.pt``), :func:`load_weights`;
+* :mod:`common.engines.data` -- :func:`make_dataloader` / :class:`ResumableSampler`;
+* :mod:`common.engines.distributed` -- ``setup()``, ``wrap_model()``, ``rank0_only()`` for torchrun;
+* :mod:`common.engines.validation` -- seeded evaluators and pluggable metric handlers;
+* :mod:`common.engines.monitor` -- progress bar and TensorBoard scalars / image slices.
+"""
+
+from common.engines.autoencoder import AutoencoderTrainer, kl_divergence, ssim_similarity
+from common.engines.base import EngineOutput, GenerativeTrainer
+from common.engines.checkpoint import FullStateCheckpointer, WeightsExporter, attach_checkpointing, load_weights
+from common.engines.data import ResumableSampler, make_dataloader
+from common.engines.diffusion import DiffusionTrainer, diffusion_target
+
+__all__ = [
+    "AutoencoderTrainer",
+    "DiffusionTrainer",
+    "GenerativeTrainer",
+    "EngineOutput",
+    "FullStateCheckpointer",
+    "WeightsExporter",
+    "attach_checkpointing",
+    "load_weights",
+    "ResumableSampler",
+    "make_dataloader",
+    "diffusion_target",
+    "kl_divergence",
+    "ssim_similarity",
+]

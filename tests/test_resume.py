@@ -1,0 +1,172 @@
+"""A run killed at any point and resumed from `latest.pt` ends with exactly the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.handlers import LrScheduleHandler
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
+from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+
+from common.engines import AutoencoderTrainer, DiffusionTrainer, FullStateCheckpointer, load_weights, make_dataloader
+from common.io import DataError, torch_load, torch_save
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: nothing after it runs (no COMPLETED handlers, no final save)."""
+
+
+def data(n=6):
+    """Volumes with random augmentation (flip + noise): resume must replay it exactly too."""
+    from monai.data import Dataset
+    from monai.transforms import Compose, RandFlipd, RandGaussianNoised
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.nn.functional.avg_pool3d(torch.rand(n, 1, 16, 16, 16, generator=g), 3, stride=1, padding=1)
+    items = [{"image": x[i], "label": (x[i] > 0.5).float()} for i in range(n)]
+    augment = Compose([RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+                       RandGaussianNoised(keys="image", prob=1.0, std=0.05)])
+    return Dataset(items, transform=augment)
+
+
+def tiny_ae():
+    return AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, channels=(8, 8), latent_channels=2,
+                         num_res_blocks=1, attention_levels=(False, False), norm_num_groups=4)
+
+
+def build_autoencoder(init_seed, ckpt_dir):
+    torch.manual_seed(init_seed)
+    ae = tiny_ae()
+    disc = PatchDiscriminator(spatial_dims=3, num_layers_d=2, channels=8, in_channels=1, out_channels=1)
+    opt, d_opt = torch.optim.Adam(ae.parameters(), 2e-3), torch.optim.Adam(disc.parameters(), 2e-3)
+    lr_sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    handlers = [LrScheduleHandler(lr_sched, print_lr=False)]
+    if ckpt_dir is not None:
+        handlers.append(FullStateCheckpointer(ckpt_dir, save_interval_iterations=1, objects={"lr_scheduler": lr_sched}))
+    trainer = AutoencoderTrainer(
+        "cpu", 3, make_dataloader(data(), batch_size=2, shuffle=True, seed=3), ae, opt, disc, d_opt,
+        ssim_weight=0.1, adversarial_warmup_iterations=4, ema_decay=0.9, train_handlers=handlers,
+    )
+    return trainer, {"lr_scheduler": lr_sched}
+
+
+class CondNet(torch.nn.Module):
+    """Latent denoiser conditioned on a mask pooled to the latent grid, with a learned null condition."""
+
+    def __init__(self):
+        super().__init__()
+        self.unet = DiffusionModelUNet(spatial_dims=3, in_channels=3, out_channels=2, channels=(8, 8),
+                                       attention_levels=(False, False), num_res_blocks=1, norm_num_groups=4)
+        self.null = torch.nn.Parameter(torch.zeros(1))
+        self.register_buffer("scale_factor", torch.tensor(float("nan")))
+
+    def forward(self, x, t, condition=None, drop_condition=None):
+        cond = torch.nn.functional.avg_pool3d(condition, 2)
+        if drop_condition is not None:
+            cond = torch.where(drop_condition.view(-1, 1, 1, 1, 1), self.null.view(1, 1, 1, 1, 1).expand_as(cond), cond)
+        return self.unet(torch.cat([x, cond], 1), t)
+
+
+def build_diffusion(init_seed, ckpt_dir, scheduler="rflow"):
+    torch.manual_seed(init_seed)
+    ae, net = tiny_ae(), CondNet()  # the random (sampled) latents exercise the RNG restore
+    opt = torch.optim.AdamW(net.parameters(), 2e-3)
+    sched = RFlowScheduler(1000, use_discrete_timesteps=False) if scheduler == "rflow" else DDPMScheduler(1000)
+    handlers = [FullStateCheckpointer(ckpt_dir, save_interval_iterations=1)] if ckpt_dir is not None else []
+    trainer = DiffusionTrainer(
+        "cpu", 3, make_dataloader(data(), batch_size=2, shuffle=True, seed=5), net, opt, sched, autoencoder=ae,
+        condition_key="label", condition_dropout=0.3, ema_decay=0.8, train_handlers=handlers,
+    )
+    return trainer, {}
+
+
+def final_state(trainer, extra):
+    objects = {**trainer.checkpoint_objects(), **extra}
+    return {name: obj.state_dict() for name, obj in objects.items()}
+
+
+def assert_same(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a} != {b}"
+
+
+@pytest.mark.parametrize(
+    "build,kill_event,kill_at,resume_at",
+    [
+        (build_autoencoder, Events.ITERATION_COMPLETED, 5, 4),  # killed mid-epoch, before the save of iteration 5
+        (build_autoencoder, Events.ITERATION_STARTED, 7, 6),  # killed right after an epoch-end checkpoint
+        (build_diffusion, Events.ITERATION_COMPLETED, 2, 1),
+        (build_diffusion, Events.ITERATION_STARTED, 4, 3),
+    ],
+)
+def test_killed_run_resumes_to_identical_weights(tmp_path, build, kill_event, kill_at, resume_at):
+    reference, extra = build(0, None)
+    reference.run()
+    expected = final_state(reference, extra)
+    assert reference.state.iteration == 9
+
+    ckpt_dir = tmp_path / "ckpt"
+    first, _ = build(0, ckpt_dir)
+
+    def kill(_):
+        raise Killed()
+
+    first.add_event_handler(kill_event(once=kill_at), kill)
+    with pytest.raises(Killed):
+        first.run()
+    saved = torch_load(ckpt_dir / "latest.pt")
+    assert saved["engine"]["iteration"] == resume_at
+
+    resumed, extra2 = build(1, ckpt_dir)  # different initial weights and RNG: everything must come from the file
+    seen = []
+    resumed.add_event_handler(Events.ITERATION_STARTED, lambda e: seen.append(e.state.iteration))
+    resumed.run()
+    assert seen == list(range(resume_at + 1, 10))
+    assert resumed.state.epoch == 3
+    assert_same(final_state(resumed, extra2), expected)
+
+
+def test_scale_factor_and_ema_travel_with_the_checkpoint(tmp_path):
+    trainer, _ = build_diffusion(0, tmp_path)
+    trainer.run()
+    net = CondNet()
+    load_weights(tmp_path / "latest.pt", net, key="network")
+    assert torch.isfinite(net.scale_factor) and float(net.scale_factor) == float(trainer.network.scale_factor)
+    ema = CondNet()
+    load_weights(tmp_path / "latest.pt", ema, key="ema")
+    for a, b in zip(ema.parameters(), trainer.ema_model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(DataError, match="no 'generator' entry"):
+        load_weights(tmp_path / "latest.pt", net, key="generator")
+
+
+def test_resuming_from_a_foreign_file_names_the_file(tmp_path):
+    bad = tmp_path / "weights_only.pt"
+    torch_save({"conv.weight": torch.zeros(1)}, bad)
+    trainer, _ = build_autoencoder(0, None)
+    FullStateCheckpointer(tmp_path / "out", resume=bad).attach(trainer)
+    with pytest.raises(DataError, match="weights_only.pt.*not a full-state"):
+        trainer.run()
+    trainer2, _ = build_autoencoder(0, None)
+    FullStateCheckpointer(tmp_path / "out", resume=tmp_path / "missing.pt").attach(trainer2)
+    with pytest.raises(DataError, match="missing.pt.*does not exist"):
+        trainer2.run()
