@@ -85,8 +85,8 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, h
     return Path(path)
 
 
-def load_nifti(path: str | os.PathLike, dtype=np.float32, allow_nan: bool = False):
-    """Read a NIfTI volume -> (array, affine, header), with errors that name the file and the problem."""
+def open_nifti(path: str | os.PathLike):
+    """Open a NIfTI header (no voxel data read yet), naming the file when it is missing, empty or corrupt."""
     import nibabel as nib
 
     path = Path(path)
@@ -96,11 +96,20 @@ def load_nifti(path: str | os.PathLike, dtype=np.float32, allow_nan: bool = Fals
         raise DataError(path, "file is empty (0 bytes)")
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise DataError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
-    if data.size == 0:
+    if int(np.prod(img.shape)) == 0:
         raise DataError(path, "image has no voxels")
+    return img
+
+
+def load_nifti(path: str | os.PathLike, dtype=np.float32, allow_nan: bool = False):
+    """Read a NIfTI volume -> (array, affine, header), with errors that name the file and the problem."""
+    img = open_nifti(path)
+    try:
+        data = np.asarray(img.dataobj)
+    except Exception as exc:  # truncated gzip streams fail only when the voxels are read
+        raise DataError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
     if dtype is not None:
         data = data.astype(dtype, copy=False)
     if not allow_nan and np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from common import CONTRASTS
-from common.io import DataError, load_nifti, save_json
+from common.io import DataError, load_nifti, open_nifti, save_json
 from common.data.labels import check_labels, get_scheme
 from common.data.layouts import detect_layout, layout_label_scheme, read_layout
 
@@ -33,20 +33,8 @@ PATH_KEYS = CONTRASTS + ("label",)
 
 def _header_only(path: Path):
     """(shape, affine) from the header alone, for ``check="quick"``."""
-    import nibabel as nib
-
-    if not path.exists():
-        raise DataError(path, "file does not exist")
-    if path.stat().st_size == 0:
-        raise DataError(path, "file is empty (0 bytes)")
-    try:
-        img = nib.load(str(path))
-        shape = tuple(int(s) for s in img.shape)
-    except Exception as exc:
-        raise DataError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
-    if int(np.prod(shape)) == 0:
-        raise DataError(path, "image has no voxels")
-    return None, shape, np.asarray(img.affine)
+    img = open_nifti(path)
+    return None, tuple(int(s) for s in img.shape), np.asarray(img.affine)
 
 
 def _load(path: Path, quick: bool, dtype=np.float32):
