@@ -1,0 +1,91 @@
+"""Tumor masks given to a generator: found (file / folder / datalist) and checked before anything is generated."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from common.io import DataError, load_nifti
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _case_id(path: Path) -> str:
+    name = _stem(path)
+    for tail in ("-seg", "_seg", "-label", "_label", "-mask", "_mask"):
+        if name.endswith(tail):
+            return name[: -len(tail)]
+    return name
+
+
+def collect_masks(source: str | os.PathLike, section: str | Sequence[str] = ("validation",)) -> list[tuple[str, Path]]:
+    """(case id, mask path) for a mask NIfTI, a folder of them, or a datalist JSON (its ``label`` entries)."""
+    source = Path(source)
+    if not source.exists():
+        raise DataError(source, "mask input does not exist (give a mask NIfTI, a folder of masks or a datalist JSON)")
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+        if not files:
+            raise DataError(source, "folder holds no .nii/.nii.gz mask")
+        # a case folder holds images too: take the label files when there are any
+        labelled = [p for p in files if _case_id(p) != _stem(p)]
+        return [(_case_id(p), p) for p in (labelled or files)]
+    if source.name.endswith(".json"):
+        from common.data.datalist import load_datalist
+
+        items = load_datalist(source, section)
+        masks = [(str(it.get("id") or _case_id(Path(it["label"]))), Path(it["label"])) for it in items if it.get("label")]
+        if not masks:
+            raise DataError(source, f"no 'label' entries in section(s) {section}")
+        return masks
+    if source.name.endswith(NIFTI_SUFFIXES):
+        return [(_case_id(source), source)]
+    raise DataError(source, "not a NIfTI (.nii/.nii.gz), a folder or a datalist (.json)")
+
+
+def load_mask(
+    path: str | os.PathLike,
+    shape: Sequence[int] | None = None,
+    scheme: str = "brats2023",
+    to_scheme: str | None = None,
+    require_tumor: bool = True,
+):
+    """Read and check a tumor mask -> (uint8 labels, affine, header). Raises DataError naming the file for:
+    unreadable/empty files, non-3D data, non-integer values, labels outside ``scheme``, no tumor voxel, or a grid
+    other than ``shape`` (the generator's grid: outputs are written on the mask's grid)."""
+    from common.data.labels import check_labels, convert_labels
+
+    path = Path(path)
+    data, affine, header = load_nifti(path, dtype=None)
+    data = np.asarray(data)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(path, f"mask must be a 3D label volume, got shape {tuple(data.shape)}")
+    if shape is not None and tuple(data.shape) != tuple(int(s) for s in shape):
+        raise DataError(
+            path, f"mask grid {tuple(data.shape)} does not match the model's grid {tuple(int(s) for s in shape)}"
+        )
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.isfinite(data).all():
+            raise DataError(path, "mask contains NaN/Inf")
+        if not np.all(data == np.round(data)):
+            raise DataError(path, "mask holds non-integer values: expected integer tumor labels")
+    values = check_labels(data.astype(np.int64), scheme, where=path)
+    if require_tumor and not np.any(values > 0):
+        raise DataError(path, "mask is empty (no tumor voxel): nothing to condition on")
+    labels = data.astype(np.uint8)
+    if to_scheme and to_scheme != scheme:
+        labels = convert_labels(labels, scheme, to_scheme, lossy="background", where=path)
+    return labels, affine, header
