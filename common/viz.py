@@ -56,8 +56,12 @@ def save_montage(
     title: str | None = None,
     planes: Sequence[str] = PLANES,
     center: Sequence[int] | None = None,
+    affine: np.ndarray | None = None,
 ) -> Path:
-    """One row per plane, one column per image; the mask (labels > 0) is outlined in red on every panel."""
+    """One row per plane, one column per image; the mask (labels > 0) is outlined in red on every panel.
+
+    ``affine`` gives the voxel sizes, so anisotropic grids (e.g. 64x64x32 over a whole head) are not squashed.
+    """
     plt = _matplotlib()
     names = list(images)
     if not names:
@@ -66,6 +70,8 @@ def save_montage(
     if center is None:
         center = mask_center(mask, shape)
     fig, axes = plt.subplots(len(planes), len(names), figsize=(2.6 * len(names), 2.6 * len(planes)), squeeze=False)
+    dx, dy, dz = (1.0, 1.0, 1.0) if affine is None else np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    aspects = {"axial": dy / dx, "coronal": dz / dx, "sagittal": dz / dy}  # row height / column width per pixel
     mask_slices = middle_slices((np.asarray(mask) > 0).astype(np.float32), center) if mask is not None else None
     for j, name in enumerate(names):
         vol = np.asarray(images[name], dtype=np.float32)
@@ -73,7 +79,8 @@ def save_montage(
         slices = middle_slices(vol, center)
         for i, plane in enumerate(planes):
             ax = axes[i][j]
-            ax.imshow(slices[plane], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.imshow(slices[plane], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest",
+                      aspect=aspects[plane])
             if mask_slices is not None and mask_slices[plane].any():
                 ax.contour(mask_slices[plane], levels=[0.5], colors="red", linewidths=0.8)
             ax.set_xticks([])

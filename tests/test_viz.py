@@ -27,3 +27,26 @@ def test_montage_draws_red_outline(tmp_path):
     plain = save_montage(images, tmp_path / "plain.png")
     rgb2 = np.asarray(Image.open(plain).convert("RGB")).astype(int)
     assert ((rgb2[..., 0] > 180) & (rgb2[..., 1] < 80) & (rgb2[..., 2] < 80)).sum() == 0
+
+
+def test_anisotropic_voxels_are_drawn_to_scale(tmp_path):
+    """A cube of 64x64x32 voxels at 1x1x2 mm is square in every plane once the affine is given."""
+    vol = np.zeros((64, 64, 32), np.float32)
+    vol[16:48, 16:48, 8:24] = 1.0
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    from common.viz import _matplotlib
+
+    plt = _matplotlib()
+    shown = {}
+    original = plt.Axes.imshow
+
+    def spy(ax, data, **kw):
+        shown.setdefault(kw["aspect"], data.shape)
+        return original(ax, data, **kw)
+
+    plt.Axes.imshow = spy
+    try:
+        save_montage({"x": vol}, tmp_path / "a.png", affine=affine)
+    finally:
+        plt.Axes.imshow = original
+    assert set(shown) == {1.0, 2.0}  # axial square pixels; coronal and sagittal rows are 2 mm tall

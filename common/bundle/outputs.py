@@ -38,7 +38,7 @@ def save_generated(
         from common.viz import save_montage
 
         paths["montage"] = save_montage(
-            dict(zip(contrasts, images)), folder / f"{case_id}.png", mask=mask, title=f"{case_id} (generated)"
+            dict(zip(contrasts, images)), folder / f"{case_id}.png", mask=mask, title=f"{case_id} (generated)", affine=affine
         )
     return paths
 
