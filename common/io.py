@@ -22,6 +22,17 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
+def cache_dir() -> Path:
+    """The project's one cache folder (phantom anatomy, phantom datasets made on first use).
+
+    ``$BRATS_SYNTH_CACHE``, else ``$XDG_CACHE_HOME/brats-synth``, else ``~/.cache/brats-synth``.
+    """
+    base = os.environ.get("BRATS_SYNTH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "brats-synth"
+    )
+    return Path(base)
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file (or case) and the problem."""
 

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-PHANTOM_CACHE = Path(os.environ.get("BRATS_SYNTH_CACHE", Path.home() / ".cache" / "brats_synth"))
+from common.io import cache_dir as default_cache_dir
+
 
 
 def phantom_datalist(
@@ -28,7 +29,7 @@ def phantom_datalist(
     from common.data.datalist import build_datalist
     from common.phantom import make_phantoms
 
-    cache = Path(cache_dir) if cache_dir else PHANTOM_CACHE
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     name = f"phantoms_{layout}_n{n}_{'x'.join(str(int(s)) for s in shape)}_seed{seed}"
     final = cache / name
     datalist = final / "datalist.json"
@@ -71,7 +72,7 @@ def resolve_datalist(
         root = Path(dataset_dir)
         if not root.is_dir():
             raise DataError(root, "dataset_dir is not a folder")
-        cache = Path(cache_dir) if cache_dir else PHANTOM_CACHE
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
         out = cache / "datalists" / (root.resolve().as_posix().strip("/").replace("/", "_") + ".json")
         build_datalist(root, out, check="quick")
         return out

@@ -9,11 +9,12 @@ signed distance to the brain surface, so skull, marrow, muscle, fat and skin fol
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from common.io import cache_dir
 
 from .fields import bspline_matrix, lattice_axes, separable_field
 
@@ -34,13 +35,6 @@ CACHE_VERSION = 1
 # brain about 10 mm under the top slice, cerebellum just above the bottom slice.
 MNI_CENTRE = np.array([0.0, -17.0, 5.0])
 FRAME_CENTRE = np.array([120.0, 122.0, 74.0])
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("BRATS_SYNTH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "brats-synth"
-    )
-    return Path(base)
 
 
 @dataclass(frozen=True)
