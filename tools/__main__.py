@@ -14,7 +14,8 @@ COMMANDS = {
     "datalist": "Detect a dataset's layout, validate every case and write a datalist with folds.",
     "preprocess": "FeTS-style preprocessing: reorient, N4, co-register, skull-strip, crop, resample, normalise.",
     "evaluate": "Evaluate synthetic against real images (FID/KID, MS-SSIM, SSIM/PSNR/MAE, ...).",
-    "demo": "The main job on embedded data: phantoms -> preprocessing -> datalist -> QC pictures.",
+    "demo": "The main job on embedded data: phantoms -> preprocessing -> datalist -> QC -> LDM-3D generation.",
+    "benchmark": "Time and measure memory of the pipeline's steps side by side (phantoms, preprocessing, LDM-3D training and sampling).",
 }
 
 
