@@ -30,6 +30,17 @@ def _limit_threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks run faster on one thread; it also avoids oversubscribing the 2 cores of CI."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory):
     """Six tiny BraTS-2023-layout phantom cases (HGG and LGG), shared read-only by the whole session."""

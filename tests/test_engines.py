@@ -26,13 +26,7 @@ from common.engines.validation import (
 SHAPE = (16, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the machine's 2 cores are shared by several test runs: one thread avoids oversubscription
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_ae(use_checkpoint: bool = False) -> AutoencoderKL:

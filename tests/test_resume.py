@@ -13,12 +13,7 @@ from common.engines import AutoencoderTrainer, DiffusionTrainer, FullStateCheckp
 from common.io import DataError, torch_load, torch_save
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Killed(Exception):
