@@ -194,7 +194,9 @@ def test_both_stages_train_through_monai_bundle_run_and_infer(tmp_path):
               "--ckpt_dir", str(tmp_path / "models"), *TINY]
     log = _bundle_cmd(["run", "training", "--config_file",
                        f"['{cfg.format('train_autoencoder.json')}','{cfg.format('demo.json')}']",
-                       "--ae_max_epochs", "6", "--ae_lr", "2e-3", *common])
+                       "--ae_max_epochs", "6", "--ae_lr", "2e-3", *common, "--val_interval", "6"])
+    for metric in ("val_mae", "val_psnr", "val_ssim"):  # the paper's Table 1 metrics, on the validation cases
+        assert re.search(rf"{metric}: [0-9.]+", log), metric
     losses = _losses(log)
     assert len(losses) == 12 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
     assert (tmp_path / "models" / "autoencoder.pt").exists()
