@@ -77,12 +77,7 @@ def load_mask(
         raise DataError(
             path, f"mask grid {tuple(data.shape)} does not match the model's grid {tuple(int(s) for s in shape)}"
         )
-    if np.issubdtype(data.dtype, np.floating):
-        if not np.isfinite(data).all():
-            raise DataError(path, "mask contains NaN/Inf")
-        if not np.all(data == np.round(data)):
-            raise DataError(path, "mask holds non-integer values: expected integer tumor labels")
-    values = check_labels(data.astype(np.int64), scheme, where=path)
+    values = check_labels(data, scheme, where=path)  # also refuses NaN and non-integer values
     if require_tumor and not np.any(values > 0):
         raise DataError(path, "mask is empty (no tumor voxel): nothing to condition on")
     labels = data.astype(np.uint8)
