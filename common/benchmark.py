@@ -486,17 +486,11 @@ def ldm3d_sizes(size: str = "demo", overrides: dict | None = None, configs: Path
 
 
 def _build_autoencoder(s: dict, checkpointing: bool = False):
-    import inspect
-
     from common.networks import build_autoencoder
 
-    kwargs = dict(in_channels=len(s["contrasts"]), latent_channels=s["latent_channels"], channels=s["ae_channels"],
-                  num_res_blocks=s["ae_num_res_blocks"], norm_num_groups=s["ae_norm_groups"])
-    if "use_checkpoint" in inspect.signature(build_autoencoder).parameters:
-        kwargs["use_checkpoint"] = checkpointing
-    ae = build_autoencoder(**kwargs)
-    ae.use_checkpoint = checkpointing  # MONAI AutoencoderKL's own activation-checkpointing switch
-    return ae
+    return build_autoencoder(in_channels=len(s["contrasts"]), latent_channels=s["latent_channels"],
+                             channels=s["ae_channels"], num_res_blocks=s["ae_num_res_blocks"],
+                             norm_num_groups=s["ae_norm_groups"], use_checkpoint=checkpointing)
 
 
 def _build_ldm(s: dict, autoencoder):

@@ -170,8 +170,11 @@ def build_autoencoder(
     num_res_blocks: int = 2,
     norm_num_groups: int = 32,
     attention: bool = False,
+    use_checkpoint: bool = False,
 ) -> AutoencoderKL:
-    """The paper's stage 1: len(channels)-1 halvings (3 levels: 4x, 4x128x128x64 -> 8x32x32x16)."""
+    """The paper's stage 1: len(channels)-1 halvings (3 levels: 4x, 4x128x128x64 -> 8x32x32x16).
+
+    ``use_checkpoint`` recomputes activations in the backward pass (less memory, see ``tools benchmark``)."""
     return AutoencoderKL(
         spatial_dims=3,
         in_channels=in_channels,
@@ -183,6 +186,7 @@ def build_autoencoder(
         attention_levels=(False,) * len(channels),
         with_encoder_nonlocal_attn=attention,
         with_decoder_nonlocal_attn=attention,
+        use_checkpoint=use_checkpoint,
     )
 
 
