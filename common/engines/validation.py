@@ -39,7 +39,9 @@ import torch
 from monai.engines import SupervisedEvaluator
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.inferers import Inferer
-from monai.metrics.regression import RegressionMetric, compute_ssim_and_cs
+from monai.metrics.regression import RegressionMetric
+
+from common.engines.autoencoder import ssim_similarity
 
 __all__ = [
     "SeededEvaluator",
@@ -138,16 +140,9 @@ def _range(target: torch.Tensor) -> torch.Tensor:
 
 
 def ssim_per_sample(pred: torch.Tensor, target: torch.Tensor, kernel_size: int = 7) -> torch.Tensor:
-    """SSIM per sample (gaussian window shrunk to the volume), data range = the target's own range."""
-    spatial = pred.shape[2:]
-    k = min(kernel_size, min(spatial))
-    k = k if k % 2 == 1 else k - 1
-    values = []
-    for p, t, r in zip(pred.float(), target.float(), _range(target)):
-        ssim, _ = compute_ssim_and_cs(p[None], t[None], spatial_dims=len(spatial), kernel_size=[k] * len(spatial),
-                                      kernel_sigma=[1.5] * len(spatial), data_range=float(r))
-        values.append(ssim.mean())
-    return torch.stack(values)
+    """SSIM per sample: the training loss's SSIM with each target's own range (z-scored MRI has no fixed range)."""
+    with torch.no_grad():
+        return torch.stack([ssim_similarity(p[None], t[None], kernel_size) for p, t in zip(pred, target)])
 
 
 def psnr_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
