@@ -91,8 +91,8 @@ def _overview(out_dir: Path, generated) -> Path:
         return out_dir / "preprocessed.png"
     sample = generated[0]
     files = sample["files"]
-    first = load_nifti(files[CONTRASTS[0]])
-    save_montage({c: load_nifti(files[c])[0] for c in CONTRASTS}, out_dir / "generated.png", affine=first[1],
+    loaded = {c: load_nifti(files[c]) for c in CONTRASTS}
+    save_montage({c: v[0] for c, v in loaded.items()}, out_dir / "generated.png", affine=loaded[CONTRASTS[0]][1],
                  mask=load_nifti(files["seg"])[0] if "seg" in files else None,
                  title=f"LDM-3D demo sample {sample['case']} (mask outlined)")
     return _stack_pictures([out_dir / "preprocessed.png", out_dir / "generated.png"], out_dir / "overview.png")
