@@ -31,7 +31,7 @@ def demo(
         out: output folder (created; reruns reuse finished steps).
         n: number of phantom cases.
         seed: phantom seed (same seed, same cases).
-        phantom_shape: phantom grid "X,Y,Z" (the 240x240x155 mm field of view at this many voxels).
+        phantom_shape: phantom grid "X,Y,Z" or "small" (the 240x240x155 mm field of view at this many voxels).
         workers: parallel processes for phantoms and preprocessing.
         spacing: preprocessing output voxel size in mm.
         generate: run the LDM-3D demo generation at the end.
@@ -43,7 +43,9 @@ def demo(
 
     out_dir = Path(out)
     raw, pre = out_dir / "raw", out_dir / "preprocessed"
-    shape = tuple(int(v) for v in str(phantom_shape).replace("x", ",").split(","))
+    from tools.phantoms import _parse_shape
+
+    shape = _parse_shape(phantom_shape)
     started = time.perf_counter()
 
     t = _step(f"1/4 phantoms: {n} cases, grid {shape} -> {raw}")
