@@ -1,6 +1,6 @@
 """``python -m tools <command>``: one fire entry point for every project command.
 
-Each command lives in ``tools/<command>.py`` as a function of the same name; it is imported only when
+Each command lives in ``tools/<command>.py`` as a function of the same name (hyphens become underscores); it is imported only when
 it is asked for, so ``python -m tools --help`` stays fast and one command's heavy imports never slow another.
 """
 
@@ -20,7 +20,9 @@ COMMANDS = {
 
 
 def _load(name: str):
-    return getattr(importlib.import_module(f"tools.{name}"), name)
+    """``augment-masks`` lives in ``tools/augment_masks.py`` as ``augment_masks``."""
+    module = name.replace("-", "_")
+    return getattr(importlib.import_module(f"tools.{module}"), module)
 
 
 def main(argv: list[str] | None = None) -> None:
