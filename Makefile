@@ -12,10 +12,12 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing requirements into $(VENV) (only when requirements changed)..."
 	@$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@# the project itself (common, tools), editable: no run needs PYTHONPATH, from any folder
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
 	@touch $(STAMP)
 
 setup: $(STAMP)
