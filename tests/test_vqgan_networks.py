@@ -1,0 +1,113 @@
+"""VQGAN + masked transformer networks: paper sizes on the meta device, the importance wrapper, codebook health."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from common.vqgan_transformer.codebook import CodebookHealth, codebook_stats, restart_codes
+from common.vqgan_transformer.networks import (
+    ImportanceVQGAN,
+    build_discriminator,
+    build_transformer,
+    build_vqgan,
+)
+
+
+def tiny_vqgan(num_embeddings: int = 16) -> ImportanceVQGAN:
+    torch.manual_seed(0)
+    return ImportanceVQGAN(build_vqgan(channels=(8, 16), num_res_layers=1, num_embeddings=num_embeddings,
+                                       embedding_dim=8), head_channels=8)
+
+
+def test_paper_size_networks_build_on_meta_device():
+    with torch.device("meta"):
+        vqgan = ImportanceVQGAN(build_vqgan())  # 4 stride-2 levels, 1024 x 128 EMA codebook
+        out = vqgan(torch.zeros(1, 1, 128, 128, 128))
+        transformer = build_transformer(num_embeddings=1024, grid_size=(8, 8, 8))  # 24 layers, 16 heads, 1024-d
+        logits = transformer(torch.zeros(1, 512, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        disc = build_discriminator()
+        d_out = disc(torch.zeros(1, 1, 128, 128, 128))
+    assert out["pred"].shape == (1, 1, 128, 128, 128)
+    assert out["indices"].shape == (1, 8, 8, 8) and out["importance"].shape == (1, 1, 8, 8, 8)
+    assert out["class_logits"].shape == (1, 2)
+    assert vqgan.quantizer.embedding.weight.shape == (1024, 128)
+    assert logits.shape == (1, 512, 1024)  # logits over the codebook for every token
+    assert len(transformer.blocks) == 24 and transformer.blocks[0].attn.num_heads == 16
+    assert transformer.blocks[0].attn.use_flash_attention  # F.scaled_dot_product_attention
+    assert transformer.token_embedding.weight.shape == (1025, 1024)  # codebook + [MASK]
+    assert d_out[-1].shape[1] == 1
+    assert 250e6 < sum(p.numel() for p in transformer.parameters()) < 350e6
+
+
+def test_importance_wrapper_outputs_and_token_roundtrip(one_torch_thread):
+    vqgan = tiny_vqgan()
+    x = torch.randn(2, 1, 16, 16, 16)
+    out = vqgan(x)
+    assert out["pred"].shape == x.shape and out["indices"].shape == (2, 4, 4, 4)
+    assert torch.allclose(out["importance"].flatten(1).sum(1), torch.ones(2), atol=1e-5)
+    assert out["quantization_loss"].ndim == 0 and out["class_logits"].shape == (2, 2)
+    # the classification loss reaches the encoder (joint training) and the importance head
+    torch.nn.functional.cross_entropy(out["class_logits"], torch.tensor([0, 1])).backward()
+    assert vqgan.importance_head[0].weight.grad.abs().sum() > 0
+    assert vqgan.vqvae.encoder.blocks[0].conv.weight.grad.abs().sum() > 0
+    # tokens() does not move the EMA codebook, even in training mode
+    before = vqgan.quantizer.embedding.weight.clone()
+    vqgan.train()
+    indices, importance = vqgan.tokens(x)
+    assert torch.equal(before, vqgan.quantizer.embedding.weight)
+    assert importance.shape == (2, 4, 4, 4)
+    vqgan.eval()
+    assert torch.equal(indices, vqgan(x)["indices"])
+    decoded = vqgan.decode_tokens(indices)
+    assert decoded.shape == x.shape
+    assert torch.allclose(decoded, vqgan(x)["pred"], atol=1e-5)
+    assert vqgan.last_layer is vqgan.vqvae.decoder.blocks[-1].conv.weight
+    with pytest.raises(ValueError, match="divisible"):
+        vqgan.token_grid((18, 16, 16))
+    assert vqgan.token_grid((32, 16, 8)) == (8, 4, 2)
+
+
+def test_codebook_stats_known_answers():
+    s = codebook_stats(torch.tensor([2, 2, 0, 0]))
+    assert s["usage"] == 0.5 and s["used"] == 2 and s["perplexity"] == pytest.approx(2.0)
+    s = codebook_stats(torch.tensor([5, 5, 5, 5]))
+    assert s["usage"] == 1.0 and s["perplexity"] == pytest.approx(4.0)
+    assert codebook_stats(torch.tensor([9, 1]))["perplexity"] == pytest.approx(
+        math.exp(-(0.9 * math.log(0.9) + 0.1 * math.log(0.1))))
+
+
+def test_dead_codes_are_restarted_from_encoder_outputs(one_torch_thread):
+    """Constructed case: half the codebook is pushed far away, so the encoder never picks it; after
+    ``dead_after`` iterations those codes are re-initialised from encoder outputs and start being used."""
+    vqgan = tiny_vqgan(num_embeddings=16)
+    vqgan.train()
+    x = torch.randn(4, 1, 16, 16, 16)
+    with torch.no_grad():
+        z = vqgan.vqvae.encode(x).movedim(1, -1).reshape(-1, 8)
+        far = torch.full((8, 8), 1e3)
+        restart_codes(vqgan.quantizer, torch.arange(8), z[:8], noise=0.0)
+        restart_codes(vqgan.quantizer, torch.arange(8, 16), far, noise=0.0)
+
+    def step(engine, batch):
+        with torch.no_grad():
+            vqgan(batch)
+
+    engine = Engine(step)
+    health = CodebookHealth(vqgan, interval=1, dead_after=2, seed=0)
+    health.attach(engine)
+    usage = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: usage.append(e.state.metrics["codebook_usage"]))
+    engine.run([x] * 6, max_epochs=1)
+    assert usage[0] <= 0.5  # only the first half of the codebook is reachable at first
+    assert health.restarts >= 8
+    dead_codes = vqgan.quantizer.embedding.weight[8:]
+    assert float(dead_codes.abs().max()) < 100  # moved next to the encoder outputs
+    assert max(usage[3:]) > usage[0]  # restarted codes get used
+    assert "codebook_perplexity" in engine.state.metrics and engine.state.metrics["codebook_restarts"] >= 8
+    assert int(vqgan.code_age.max()) < 2
+    with pytest.raises(ValueError):
+        CodebookHealth(vqgan, interval=0)
