@@ -1,0 +1,208 @@
+"""The poster's evaluation: per-class MMD and MS-SSIM (ablation table), and the downstream LGG/HGG ROI
+classification (a classifier pretrained on synthetic ROIs and fine-tuned on a small real set, against real
+only; AUC, F1, accuracy, precision, recall as mean +- std over folds).
+
+Metrics come from :mod:`common.metrics`; the classifier is MONAI's ``Classifier`` trained with MONAI's
+``SupervisedTrainer``. ROIs are arrays ``[1, X, Y, Z]`` (or ``[X, Y, Z]``) in [-1, 1]; labels are ``CLASSES``
+indices (LGG 0, HGG 1).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from common.vqgan_transformer.networks import CLASSES
+
+__all__ = ["per_class_quality", "build_roi_classifier", "train_classifier", "predict_hgg",
+           "stratified_folds", "downstream_classification", "summarise"]
+
+SCORES = ("auc", "f1", "accuracy", "precision", "recall")
+
+
+def _volume(x) -> np.ndarray:
+    v = np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+    return v[0] if v.ndim == 4 else v
+
+
+def per_class_quality(real: Mapping[str, Sequence], synthetic: Mapping[str, Sequence], seed: int = 0) -> dict:
+    """Per class: MMD(real, synthetic) (MONAI ``MMDMetric`` via ``common.metrics.image_mmd``) and the mean
+    pairwise MS-SSIM among the synthetic ROIs (diversity; the real set's value beside it as the reference).
+
+    MS-SSIM is computed on ROIs mapped from [-1, 1] to [0, 1] (data range 1). Sample counts are reported.
+    """
+    from common.metrics import image_mmd, ms_ssim_diversity
+
+    out = {}
+    for cls in synthetic:
+        if cls not in real:
+            raise ValueError(f"class {cls!r} has synthetic ROIs but no real ones to compare with")
+        r = [_volume(v) for v in real[cls]]
+        s = [_volume(v) for v in synthetic[cls]]
+        unit = lambda vols: [(v + 1.0) / 2.0 for v in vols]  # noqa: E731
+        out[cls] = {
+            "mmd": image_mmd(r, s, seed=seed),
+            "ms_ssim_synthetic": ms_ssim_diversity({cls: unit(s)}),
+            "ms_ssim_real": ms_ssim_diversity({cls: unit(r)}),
+            "n_real": len(r),
+            "n_synthetic": len(s),
+        }
+    return out
+
+
+def build_roi_classifier(spatial_size: Sequence[int], channels: Sequence[int] = (16, 32, 64, 128),
+                         strides: Sequence[int] | None = None, dropout: float = 0.1,
+                         norm: str | None = "instance") -> torch.nn.Module:
+    """MONAI ``Classifier`` (residual conv encoder + linear) with 2 outputs (LGG, HGG) for ``[1, *spatial]``.
+
+    Instance norm (MONAI's default) by default: batch norm's running statistics are poor after the few
+    iterations of a small fine-tuning set and skew the held-out predictions.
+    """
+    from monai.networks.nets import Classifier
+
+    strides = tuple(strides) if strides is not None else (2,) * len(channels)
+    return Classifier(in_shape=(1, *spatial_size), classes=len(CLASSES), channels=tuple(channels),
+                      strides=strides, dropout=dropout, norm=norm)
+
+
+def _loader(images: Sequence, labels: Sequence[int], batch_size: int, shuffle: bool, seed: int):
+    from monai.data import DataLoader
+
+    data = [{"image": torch.as_tensor(_volume(x))[None], "label": torch.tensor(int(y))}
+            for x, y in zip(images, labels)]
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, num_workers=0,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def train_classifier(network: torch.nn.Module, images: Sequence, labels: Sequence[int], epochs: int,
+                     lr: float = 1e-3, batch_size: int = 4, device="cpu", seed: int = 0,
+                     flip: bool = True) -> torch.nn.Module:
+    """Cross-entropy training with MONAI's ``SupervisedTrainer`` (random flips as augmentation)."""
+    from monai.engines import SupervisedTrainer
+
+    if len(images) == 0 or len(images) != len(labels):
+        raise ValueError(f"need one label per ROI and at least one ROI, got {len(images)} and {len(labels)}")
+    if int(epochs) < 1:
+        return network.to(device)
+    device = torch.device(device)
+    network = network.to(device)
+    gen = torch.Generator().manual_seed(seed)
+
+    def prepare(batch, device=None, non_blocking=False, **kwargs):
+        x = batch["image"].to(device)
+        if flip:
+            for axis in range(2, x.ndim):
+                if bool(torch.rand((), generator=gen) < 0.5):
+                    x = x.flip(axis)
+        return x, batch["label"].to(device).long()
+
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=int(epochs), train_data_loader=_loader(images, labels, batch_size, True, seed),
+        network=network, optimizer=torch.optim.Adam(network.parameters(), lr=lr),
+        loss_function=torch.nn.CrossEntropyLoss(), prepare_batch=prepare,
+    )
+    trainer.logger.setLevel(logging.WARNING)
+    trainer.run()
+    return network
+
+
+@torch.no_grad()
+def predict_hgg(network: torch.nn.Module, images: Sequence, device="cpu", batch_size: int = 8) -> np.ndarray:
+    """Probability of HGG for each ROI."""
+    network = network.to(device).eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.stack([torch.as_tensor(_volume(v))[None] for v in images[start:start + batch_size]]).to(device)
+        out.append(torch.softmax(network(x).float(), -1)[:, CLASSES.index("HGG")].cpu())
+    return torch.cat(out).numpy()
+
+
+def stratified_folds(labels: Sequence[int], folds: int, seed: int = 0) -> list[int]:
+    """Fold index per case, each class dealt round-robin after a seeded shuffle (every fold gets both classes
+    when each class has at least ``folds`` cases)."""
+    labels = [int(y) for y in labels]
+    counts = {c: labels.count(c) for c in set(labels)}
+    if int(folds) < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    if len(counts) < 2 or min(counts.values()) < int(folds):
+        raise ValueError(f"need at least {folds} cases of each class for {folds} folds, have "
+                         f"{ {CLASSES[c]: n for c, n in sorted(counts.items())} }")
+    rng = np.random.default_rng(seed)
+    fold = [0] * len(labels)
+    position = 0
+    for c in sorted(counts):
+        idx = [i for i, y in enumerate(labels) if y == c]
+        rng.shuffle(idx)
+        for i in idx:
+            fold[i] = position % int(folds)
+            position += 1
+    return fold
+
+
+def summarise(per_fold: Sequence[dict]) -> dict:
+    """mean +- std over folds of each score (NaN AUCs of single-class folds are left out and counted)."""
+    out = {}
+    for key in SCORES:
+        values = np.asarray([f[key] for f in per_fold], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        out[key] = {"mean": float(finite.mean()) if finite.size else None,
+                    "std": float(finite.std()) if finite.size else None, "n": int(finite.size)}
+    return out
+
+
+def downstream_classification(real_images: Sequence, real_labels: Sequence[int],
+                              synthetic_images: Sequence | None = None, synthetic_labels: Sequence[int] | None = None,
+                              folds: int = 5, real_train_fraction: float = 1.0, pretrain_epochs: int = 20,
+                              finetune_epochs: int = 10, real_epochs: int | None = None, lr: float = 1e-3,
+                              batch_size: int = 4, channels: Sequence[int] = (16, 32, 64, 128), seed: int = 0,
+                              device=None, progress: bool = True) -> dict:
+    """The poster's downstream table: per fold of the real cases, a classifier trained on real only
+    (``real_epochs``, default pretrain + finetune epochs) against one pretrained on the synthetic ROIs and
+    fine-tuned on the same real training cases (``real_train_fraction`` of the fold's training cases: the
+    "small real set"); both scored on the held-out real fold. Returns per-fold scores and mean +- std.
+    Without synthetic ROIs only the real-only row is computed (e.g. to check that the classes are separable).
+    """
+    from tqdm.auto import tqdm
+
+    from common.metrics import classification_scores
+
+    if (synthetic_images is None) != (synthetic_labels is None):
+        raise ValueError("give both synthetic_images and synthetic_labels, or neither")
+    if not 0.0 < real_train_fraction <= 1.0:
+        raise ValueError(f"real_train_fraction must be in (0, 1], got {real_train_fraction}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    labels = [int(y) for y in real_labels]
+    fold_of = stratified_folds(labels, folds, seed)
+    spatial = _volume(real_images[0]).shape
+    real_epochs = int(pretrain_epochs + finetune_epochs) if real_epochs is None else int(real_epochs)
+    variants = {"real_only": []}
+    if synthetic_images is not None:
+        variants["synthetic_pretrained_finetuned"] = []
+    for k in tqdm(range(int(folds)), desc="downstream folds", disable=not progress):
+        test = [i for i, f in enumerate(fold_of) if f == k]
+        train = [i for i, f in enumerate(fold_of) if f != k]
+        if real_train_fraction < 1.0:
+            keep = stratified_folds([labels[i] for i in train], max(2, round(1 / real_train_fraction)), seed + k)
+            train = [i for i, f in zip(train, keep) if f == 0]
+        x_train, y_train = [real_images[i] for i in train], [labels[i] for i in train]
+        x_test, y_test = [real_images[i] for i in test], [labels[i] for i in test]
+        torch.manual_seed(seed + k)
+        net = build_roi_classifier(spatial, channels)
+        train_classifier(net, x_train, y_train, real_epochs, lr, batch_size, device, seed + k)
+        variants["real_only"].append(classification_scores(y_test, predict_hgg(net, x_test, device)))
+        if synthetic_images is not None:
+            torch.manual_seed(seed + k)
+            net = build_roi_classifier(spatial, channels)
+            train_classifier(net, synthetic_images, synthetic_labels, pretrain_epochs, lr, batch_size, device,
+                             seed + k)
+            train_classifier(net, x_train, y_train, finetune_epochs, lr, batch_size, device, seed + k)
+            variants["synthetic_pretrained_finetuned"].append(
+                classification_scores(y_test, predict_hgg(net, x_test, device)))
+    return {
+        "folds": int(folds), "n_real": len(labels), "n_real_train_per_fold": len(train),
+        "n_synthetic": 0 if synthetic_images is None else len(synthetic_images),
+        "per_fold": variants, "summary": {name: summarise(rows) for name, rows in variants.items()},
+    }
