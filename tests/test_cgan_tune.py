@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from common.cgan_imputation.tune import PAPER_FOUND, paper_overlay, run_search, storage_url  # noqa: E402
+from common.cgan_imputation.tune import (PAPER_FOUND, SEARCH_SPACE, bundle_objective, paper_overlay,  # noqa: E402
+                                         run_search, storage_url)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,3 +118,31 @@ def test_two_workers_share_one_sqlite_study(objectives, tmp_path, monkeypatch):
     print(f"\n{n} sleep-bound trials (0.8 s): 1 worker {t1:.1f} s, 2 workers {t2:.1f} s wall with start-up; "
           f"first trial start to last end {s1:.1f} s vs {s2:.1f} s ({s1 / s2:.2f}x)")
     assert s2 < 0.8 * s1  # the trials overlap; the wall time also pays two fresh interpreters' imports
+
+
+BUNDLE_TRAIN = {
+    "imports": ["$import math"],
+    "learning_rate": 0.0002,
+    "l1_weight": 100.0,
+    "score": "$1.0 - abs(math.log10(@learning_rate) + 4.0) / 4 - abs(@l1_weight - 100.0) / 400",
+    "tune_report": "$lambda step, value: None",
+    "train": "$[@tune_report(s, @score * (s + 1) / 3) for s in range(3)]",
+}
+
+
+def test_bundle_objective_trains_through_run_bundle(tmp_path):
+    """The trial's parameters reach the bundle as config overrides; its validation reports through @tune_report."""
+    configs = tmp_path / "bundle" / "configs"
+    configs.mkdir(parents=True)
+    (configs / "metadata.json").write_text(json.dumps({"version": "0.1.0", "changelog": {"0.1.0": "test"}}))
+    (configs / "logging.conf").write_text((ROOT / "bundles/brats_mri_ldm3d/configs/logging.conf").read_text())
+    (configs / "train.json").write_text(json.dumps(BUNDLE_TRAIN))
+    objective = bundle_objective(str(tmp_path / "bundle"), ["train.json"])
+    seen = []
+    value = objective({"learning_rate": 1e-3, "l1_weight": 100.0}, lambda step, v: seen.append((step, v)))
+    assert value == pytest.approx(0.75) and [s for s, _ in seen] == [0, 1, 2]
+    space = {k: v for k, v in SEARCH_SPACE.items() if k in ("learning_rate", "l1_weight")}
+    summary = run_search(objective, tmp_path / "search", n_trials=3, space=space, plots=False)
+    best = summary["best_params"]
+    score = 1 - abs(math.log10(best["learning_rate"]) + 4) / 4 - abs(best["l1_weight"] - 100) / 400
+    assert summary["best_value"] == pytest.approx(score)
