@@ -131,8 +131,12 @@ def maskgit_decode(network, class_labels, seeds: Sequence[int], steps: int = 12,
 
 @torch.no_grad()
 def raster_decode(network, class_labels, seeds: Sequence[int], guidance_scale: float = 1.0,
-                  temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """One token per pass in raster order (the public code's sampling) -> (codes [B, *grid], info)."""
+                  temperature: float = 1.0, max_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
+    """One token per pass in raster order (the public code's sampling) -> (codes [B, *grid], info).
+
+    ``max_tokens`` stops after that many tokens (the rest stay ``[MASK]``): the benchmark times a prefix,
+    every pass costing the same.
+    """
     net = unwrap(network)
     device = next(net.parameters()).device
     labels, seeds = _check(net, class_labels, seeds)
@@ -141,7 +145,7 @@ def raster_decode(network, class_labels, seeds: Sequence[int], guidance_scale: f
     gens = _generators(seeds, device)
     guided = _Guided(network, labels, guidance_scale)
     tokens = torch.full((b, n), net.mask_token_id, dtype=torch.long, device=device)
-    for i in range(n):
+    for i in range(n if max_tokens is None else min(n, int(max_tokens))):
         logits = guided(tokens)[:, i]
         if temperature > 0:
             tokens[:, i] = (logits / temperature + _gumbel(_uniform(gens, (k,), device))).argmax(-1)
