@@ -29,5 +29,6 @@ def test_sizes_follow_the_paper_and_refuse_unknown_overrides():
     paper = benchmark.sizes(BenchmarkContext("paper", "cpu", progress=False))
     assert (paper["n_blocks"], paper["base_channels"], paper["disc_channels"]) == (9, 64, 64)
     assert paper["cgan_volume"] == [240, 240, 155] and paper["cgan_batches"] == [1, 16, 64]
+    assert benchmark.sizes(BenchmarkContext("demo", "cpu", overrides={"guidance_scale": 1.0}, progress=False))
     with pytest.raises(ValueError, match="unknown overrides"):
         benchmark.sizes(BenchmarkContext("demo", "cpu", overrides={"unet_channels": 8}, progress=False))

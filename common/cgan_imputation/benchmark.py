@@ -23,6 +23,7 @@ from typing import Any
 
 from common.benchmarks.runner import BenchmarkContext, MemoryProbe, failed, result, time_calls
 
+SHARED = {"guidance_scale"}  # always put in by ``python -m tools benchmark`` for the sampling suites
 KNOWN = {"base_channels", "n_blocks", "disc_channels", "n_sources", "batch_size", "batch_samples", "spatial_size",
          "cgan_volume", "cgan_slices", "cgan_batches"}
 
@@ -31,7 +32,7 @@ def sizes(ctx: BenchmarkContext) -> dict[str, Any]:
     """Network and batch settings of ``ctx.size`` with the overrides applied (unknown keys refused)."""
     from common.cgan_imputation.networks import DEMO_DISCRIMINATOR, DEMO_GENERATOR, PAPER_DISCRIMINATOR, PAPER_GENERATOR
 
-    unknown = sorted(set(ctx.overrides) - KNOWN)
+    unknown = sorted(set(ctx.overrides) - KNOWN - SHARED)
     if unknown:
         raise ValueError(f"cgan benchmark: unknown overrides {unknown}; known: {sorted(KNOWN)}")
     paper = ctx.size == "paper"
@@ -39,7 +40,7 @@ def sizes(ctx: BenchmarkContext) -> dict[str, Any]:
     s = {"base_channels": gen["base_channels"], "n_blocks": gen["n_blocks"], "disc_channels": disc["channels"],
          "n_sources": 1, "batch_size": 2, "batch_samples": 2, "spatial_size": [256, 256],
          "cgan_volume": [240, 240, 155], "cgan_slices": None, "cgan_batches": [1, 16, 64]}
-    s.update(ctx.overrides)
+    s.update({k: v for k, v in ctx.overrides.items() if k in KNOWN})
     return s
 
 
