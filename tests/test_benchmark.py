@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from common.benchmark import ldm3d_sizes, parse_samplers, run_benchmark, save_report, to_markdown
+from common.benchmarks import BenchmarkContext, parse_samplers, run_benchmark, save_report, to_markdown
+from common.ldm3d.benchmark import bundle_parser
 
 # a few-kilobyte LDM: 16x16x8 images, 4x4x2 latents, two-level UNet
 TINY = {
     "spatial_size": [16, 16, 8], "ae_channels": [4, 8, 8], "ae_norm_groups": 4, "ae_num_res_blocks": 1,
-    "latent_channels": 2, "discriminator_channels": 4, "discriminator_layers": 1, "batch_size": 1,
+    "latent_channels": 2, "discriminator_channels": 4, "discriminator_def#num_layers_d": 1, "batch_size": 1,
     "diffusion_batch_size": 1, "unet_base_channels": 8, "unet_channel_mult": [1, 2], "unet_num_res_blocks": 1,
     "unet_num_head_channels": 4, "unet_norm_groups": 4, "cross_attention_dim": 8, "conditioner_channels": [4, 8],
     "condition_channels": 2, "token_grid": [2, 2, 1], "unet_attention_levels": [False, True],
@@ -83,19 +84,19 @@ def test_training_suite_runs_variants_side_by_side():
     assert groups[("autoencoder", "fp32")]["speedup"] == 1.0
     # fp16 + GradScaler is a CUDA-only mode: recorded as skipped, not silently dropped
     assert groups[("autoencoder", "fp16 autocast + GradScaler")]["skipped"] == "needs CUDA"
-    assert suite["sizes"]["spatial_size"] == TINY["spatial_size"]
+    assert "16x16x8" in suite["notes"][0]  # the overridden bundle config was built
     md = to_markdown(report)
     assert "| autoencoder | fp32 + checkpointing |" in md and "skipped: needs CUDA" in md
     assert report["machine"]["cpu"] in md
 
 
 def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
-    import common.benchmark as bench
+    import common.ldm3d.benchmark as bench
 
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(bench, "_build_ldm", no_memory)
+    monkeypatch.setattr(bench, "stage2_trainer", no_memory)
     report = run_benchmark("ldm3d_train", size="demo", device="cpu", repeats=1, warmup=0, overrides=TINY,
                            progress=False)
     groups = {(r["group"], r["variant"]): r for r in report["suites"]["ldm3d_train"]["results"]}
@@ -136,18 +137,33 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     assert MACHINE_KEYS <= set(report["machine"]) and report["settings"]["max_steps"] == 3
     res = _by_variant(report["suites"]["ldm3d_sample"])
     assert res["DDPM-1000"]["extrapolated"] is True and res["DDIM-3"]["extrapolated"] is False
-    # demo sizes come from the bundle's demo.json: latent grid = image grid / 4
-    assert report["suites"]["ldm3d_sample"]["sizes"]["spatial_size"] == ldm3d_sizes("demo")["spatial_size"]
+    # demo sizes come from the bundle's demo.json
+    assert "4x64x64x32" in report["suites"]["ldm3d_sample"]["notes"][0]
     md = (tmp_path / "bench" / "bench.md").read_text()
     assert "DDPM-1000 (extrapolated)" in md and "EXTRAPOLATED" in md
     assert "DDPM-1000" in capsys.readouterr().out
 
 
-def test_sizes_follow_the_bundle_configs():
-    demo, paper = ldm3d_sizes("demo"), ldm3d_sizes("paper")
+def test_networks_are_built_from_the_bundle_configs():
+    paper = bundle_parser(BenchmarkContext("paper", "cpu"))
+    demo = bundle_parser(BenchmarkContext("demo", "cpu"))
     assert paper["spatial_size"] == [128, 128, 64] and paper["ae_channels"] == [64, 128, 256]
     assert demo["spatial_size"] != paper["spatial_size"]
-    assert ldm3d_sizes("paper", {"unet_base_channels": 352})["unet_base_channels"] == 352
+    big = bundle_parser(BenchmarkContext("paper", "cpu", overrides={"unet_base_channels": 352}),
+                        autoencoder="@autoencoder_def")
+    with torch.device("meta"):
+        assert big.get_parsed_content("network_def").unet.block_out_channels[0] == 352
+
+
+def test_engine_suite_compares_our_trainers_with_a_plain_loop():
+    report = run_benchmark("engine", size="demo", device="cpu", repeats=2, warmup=1, overrides=TINY, progress=False)
+    results = report["suites"]["engine"]["results"]
+    groups = {r["group"] for r in results}
+    assert groups == {"autoencoder fp32", "autoencoder bf16 autocast", "diffusion fp32", "diffusion bf16 autocast"}
+    for r in results:
+        _check_measured(r)
+        assert r["iterations"] == 2 * 3 and r["reference"] == "plain loop"
+    assert [r["variant"] for r in results[:2]] == ["plain loop", "ours"]
 
 
 @pytest.mark.parametrize(

@@ -61,17 +61,20 @@ def dataset():
 def worker(out_dir: Path) -> None:
     from monai.networks.schedulers import DDPMScheduler
 
-    from common.engines import AutoencoderTrainer, DiffusionTrainer, FullStateCheckpointer, make_dataloader
+    import ignite.distributed as idist
+
+    from common.engines import AdversarialTrainer, DiffusionTrainer, FullStateCheckpointer, make_dataloader
     from common.engines import distributed as dist
+    from common.engines.losses import KL, L1
 
     torch.set_num_threads(1)
     device = dist.setup(seed=0)  # seeds 0 + rank: models differ until DDP broadcasts rank 0's weights
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = idist.get_rank(), idist.get_world_size()
     model = dist.wrap_model(ToyAE())
     loader = make_dataloader(dataset(), batch_size=BATCH, shuffle=True, seed=0)
     seen: list = []
-    trainer = AutoencoderTrainer(
-        device, EPOCHS, loader, model, torch.optim.SGD(model.parameters(), lr=0.5), kl_weight=0.0,
+    trainer = AdversarialTrainer(
+        device, EPOCHS, loader, model, torch.optim.SGD(model.parameters(), lr=0.5), {"l1": L1()},
         train_handlers=[FullStateCheckpointer(out_dir / "ckpt", save_interval_iterations=1)],
     )
     losses: list = []
@@ -103,8 +106,9 @@ def worker(out_dir: Path) -> None:
                                            norm_num_groups=2))
         disc = dist.wrap_model(PatchDiscriminator(spatial_dims=3, num_layers_d=1, channels=4, in_channels=1,
                                                   out_channels=1))
-        gan = AutoencoderTrainer(device, 2, make_dataloader(dataset(), batch_size=BATCH, seed=0), ae,
-                                 torch.optim.Adam(ae.parameters(), 1e-3), disc, torch.optim.Adam(disc.parameters(), 1e-3),
+        gan = AdversarialTrainer(device, 2, make_dataloader(dataset(), batch_size=BATCH, seed=0), ae,
+                                 torch.optim.Adam(ae.parameters(), 1e-3), {"l1": L1(), "kl": KL(1e-6)}, disc,
+                                 torch.optim.Adam(disc.parameters(), 1e-3),
                                  adversarial_warmup_iterations=1, ema_decay=0.9,
                                  train_handlers=[FullStateCheckpointer(ckpt_dir, save_interval_iterations=1)])
         if kill_at is not None:
@@ -124,7 +128,7 @@ def worker(out_dir: Path) -> None:
     resumed = gan_run(out_dir / "gan_killed")
     torch.save({"straight": straight, "resumed": resumed}, out_dir / f"gan_rank{rank}.pt")
     report = {"rank": rank, "world": world, "losses": losses, "seen": seen,
-              "rank0_only": len(dist.rank0_only([object()])), "backend": torch.distributed.get_backend()}
+              "main_process": dist.is_main_process(device), "backend": torch.distributed.get_backend()}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
     dist.finalize()
 
@@ -141,7 +145,8 @@ def rank_batches(rank: int, epoch: int) -> list[list[int]]:
 
 @pytest.mark.slow
 def test_two_process_training_matches_one_process_on_the_union(tmp_path):
-    from common.engines import AutoencoderTrainer
+    from common.engines import AdversarialTrainer
+    from common.engines.losses import L1
     from common.io import torch_load
 
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
@@ -151,7 +156,7 @@ def test_two_process_training_matches_one_process_on_the_union(tmp_path):
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in reports] == [2, 2] and reports[0]["backend"] == "gloo"
-    assert [r["rank0_only"] for r in reports] == [1, 0]
+    assert [r["main_process"] for r in reports] == [True, False]
     assert reports[0]["losses"] == reports[1]["losses"]  # logged losses are averaged over ranks
     data = dataset()
     for r in range(2):  # each rank saw its own half of every epoch
@@ -170,7 +175,7 @@ def test_two_process_training_matches_one_process_on_the_union(tmp_path):
         for e in (1, 2)
         for b0, b1 in zip(rank_batches(0, e), rank_batches(1, e))
     ]
-    single = AutoencoderTrainer("cpu", 1, union, model, torch.optim.SGD(model.parameters(), lr=0.5), kl_weight=0.0)
+    single = AdversarialTrainer("cpu", 1, union, model, torch.optim.SGD(model.parameters(), lr=0.5), {"l1": L1()})
     single.run()
     for k, v in model.state_dict().items():
         assert torch.allclose(v, w0[k], atol=1e-6), k

@@ -7,18 +7,17 @@ import math
 import pytest
 import torch
 from ignite.engine import Events
-from monai.handlers import ValidationHandler, from_engine
+from monai.handlers import MeanAbsoluteError, ValidationHandler, from_engine
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
-from common.engines import AutoencoderTrainer, DiffusionTrainer, diffusion_target, make_dataloader
+from common.engines import AdversarialTrainer, DiffusionTrainer, diffusion_target, make_dataloader
+from common.engines.losses import KL, L1, SSIM, MaskedL1, Perceptual, Quantization
 from common.engines.validation import (
     ReconstructionInferer,
     ReconstructionPrepareBatch,
     SeededEvaluator,
-    mae_handler,
     metric_handler,
-    per_volume,
     psnr_handler,
     ssim_handler,
 )
@@ -49,6 +48,12 @@ def smooth_volumes(n: int, seed: int = 0) -> list[dict]:
     return [{"image": x[i], "label": (x[i] > 0.5).float()} for i in range(n)]
 
 
+def ae_trainer(ae, optimizer, epochs=1, data=None, kl_weight=1e-6, losses=None, **kwargs):
+    """The stage-1 objective of LDM-3D (L1 + KL) through the shared adversarial trainer."""
+    losses = losses or {"l1": L1(), "kl": KL(kl_weight)}
+    return AdversarialTrainer("cpu", epochs, data if data is not None else loader(), ae, optimizer, losses, **kwargs)
+
+
 def loader(n=4, batch_size=2, seed=0):
     return make_dataloader(smooth_volumes(n, seed), batch_size=batch_size, shuffle=True, seed=seed)
 
@@ -68,16 +73,16 @@ def flat(module) -> torch.Tensor:
 def test_autoencoder_loss_falls_and_output_keys():
     torch.manual_seed(0)
     ae = tiny_ae()
-    trainer = AutoencoderTrainer("cpu", 12, loader(), ae, torch.optim.Adam(ae.parameters(), 3e-3), kl_weight=1e-6)
+    trainer = ae_trainer(ae, torch.optim.Adam(ae.parameters(), 3e-3), 12)
     l1 = record(trainer, lambda e: e.state.output["l1"])
     trainer.run()
     out = trainer.state.output
-    assert {"loss", "l1", "kl", "perceptual", "ssim", "g_adv", "d_loss"} <= set(out.keys())
+    assert {"loss", "l1", "kl", "g_adv", "adv_weight", "fm", "d_loss"} <= set(out.keys())
     # what `--tracking mlflow` and StatsHandler read: a plain float
     assert isinstance(out["loss"], float) and from_engine(["loss"], first=True)(out) == out["loss"]
     preds, labels = from_engine(["pred", "label"])(out)  # MONAI metric-handler convention: per-sample lists
     assert len(preds) == 2 and preds[0].shape == (1, *SHAPE) and torch.equal(labels[1], out["image"][1])
-    assert out["reconstruction"].shape == out["image"].shape == (2, 1, *SHAPE)
+    assert out["pred"].shape == out["image"].shape == (2, 1, *SHAPE)
     assert len(l1) == 24
     assert sum(l1[-4:]) / 4 < 0.6 * sum(l1[:4]) / 4, l1
 
@@ -91,10 +96,9 @@ def test_adversarial_steps_start_after_warmup_and_ssim_perceptual_terms():
         calls.append(pred.shape)
         return (pred - target).pow(2).mean()
 
-    trainer = AutoencoderTrainer(
-        "cpu", 2, loader(), ae, torch.optim.Adam(ae.parameters(), 1e-3), disc, torch.optim.Adam(disc.parameters(), 1e-3),
-        adversarial_warmup_iterations=3, perceptual_loss=perceptual, perceptual_weight=0.5, ssim_weight=0.2,
-    )
+    losses = {"l1": L1(), "kl": KL(1e-6), "perceptual": Perceptual(0.5, perceptual), "ssim": SSIM(0.2)}
+    trainer = ae_trainer(ae, torch.optim.Adam(ae.parameters(), 1e-3), 2, losses=losses, discriminator=disc,
+                         d_optimizer=torch.optim.Adam(disc.parameters(), 1e-3), adversarial_warmup_iterations=3)
     d_weights = record(trainer, lambda e: flat(disc))
     outs = record(trainer, lambda e: {k: v for k, v in e.state.output.items() if isinstance(v, float)})
     d_before = flat(disc)
@@ -116,7 +120,7 @@ def test_gradient_checkpointing_gives_the_same_update():
     for use_checkpoint in (False, True):
         torch.manual_seed(0)
         ae = tiny_ae(use_checkpoint)
-        trainer = AutoencoderTrainer("cpu", 1, loader(), ae, torch.optim.SGD(ae.parameters(), 0.1))
+        trainer = ae_trainer(ae, torch.optim.SGD(ae.parameters(), 0.1))
         trainer.run()
         weights.append(flat(ae))
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
@@ -249,7 +253,7 @@ def test_grad_clipping_bounds_the_norm():
     torch.manual_seed(0)
     ae = tiny_ae()
     clip = 1e-3
-    trainer = AutoencoderTrainer("cpu", 1, loader(), ae, torch.optim.SGD(ae.parameters(), 0.0), grad_clip_norm=clip)
+    trainer = ae_trainer(ae, torch.optim.SGD(ae.parameters(), 0.0), grad_clip_norm=clip)
     trainer.run()
     grads = [p.grad for p in ae.parameters() if p.grad is not None]
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -343,13 +347,14 @@ def test_validation_every_interval_with_seeded_evaluator():
         device=torch.device("cpu"), val_data_loader=make_dataloader(data, batch_size=2, shuffle=False), network=net,
         prepare_batch=ReconstructionPrepareBatch("image"), inferer=ReconstructionInferer(),
         key_val_metric={"val_ssim": ssim_handler()},
-        additional_metrics={"val_psnr": psnr_handler(), "val_mae": mae_handler(),
-                            # a per-volume numpy metric (the evaluation suite's signature) plugged in
-                            "val_maxdiff": metric_handler(per_volume(lambda p, t: abs(p - t).max()))},
+        additional_metrics={"val_psnr": psnr_handler(),
+                            "val_mae": MeanAbsoluteError(output_transform=from_engine(["pred", "label"])),
+                            # any per-sample function plugs in
+                            "val_maxdiff": metric_handler(lambda p, t: (p - t).abs().flatten(1).amax(1))},
         seed=0,
     )
-    trainer = AutoencoderTrainer("cpu", 4, loader(), net, torch.optim.SGD(net.parameters(), 0.0),
-                                 train_handlers=[ValidationHandler(interval=2, validator=evaluator, epoch_level=True)])
+    trainer = ae_trainer(net, torch.optim.SGD(net.parameters(), 0.0), 4,
+                         train_handlers=[ValidationHandler(interval=2, validator=evaluator, epoch_level=True)])
     runs = []
     evaluator.add_event_handler(Events.COMPLETED, lambda e: runs.append(dict(e.state.metrics)))
     trainer.run()
@@ -374,16 +379,16 @@ def test_training_logger_writes_scalars_and_slices(tmp_path):
 
     torch.manual_seed(0)
     ae = tiny_ae()
-    trainer = AutoencoderTrainer("cpu", 1, loader(), ae, torch.optim.Adam(ae.parameters(), 1e-3),
-                                 train_handlers=[TrainingLogger(tmp_path, image_keys=["image", "reconstruction"],
-                                                                image_interval=1, progress=True)])
+    trainer = ae_trainer(ae, torch.optim.Adam(ae.parameters(), 1e-3),
+                         train_handlers=[TrainingLogger(tmp_path, image_keys=["image", "pred"], image_interval=1,
+                                                        progress=True)])
     losses = record(trainer, lambda e: e.state.output["loss"])
     trainer.run()
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     logged = [ev.value for ev in acc.Scalars("train/loss")]
     assert logged == pytest.approx(losses, rel=1e-6)
-    assert "train/reconstruction" in acc.Tags()["images"]
+    assert "train/pred" in acc.Tags()["images"]
     grid = slice_grid(torch.arange(2 * 4 * 6 * 8, dtype=torch.float32).reshape(2, 4, 6, 8))
     assert grid.shape == (1, 6, 6 + 8 + 8) and grid.min() == 0 and grid.max() == 1
 
@@ -424,9 +429,11 @@ def test_trainer_from_a_bundle_config(tmp_path):
                 {"_target_": "common.engines.WeightsExporter", "path": str(tmp_path / "models" / "model.pt"),
                  "key": "ema"},
             ],
-            "trainer": {"_target_": "common.engines.AutoencoderTrainer", "device": "@device", "max_epochs": 2,
+            "trainer": {"_target_": "common.engines.AdversarialTrainer", "device": "@device", "max_epochs": 2,
                         "train_data_loader": "$common.engines.make_dataloader(@data, batch_size=2, seed=0)",
-                        "autoencoder": "@autoencoder", "optimizer": "@optimizer",
+                        "generator": "@autoencoder", "optimizer": "@optimizer",
+                        "losses": {"l1": {"_target_": "common.engines.losses.L1"},
+                                   "kl": {"_target_": "common.engines.losses.KL", "weight": 1e-6}},
                         "discriminator": "@discriminator", "d_optimizer": "@d_optimizer",
                         "adversarial_warmup_iterations": 2, "ema_decay": 0.9, "train_handlers": "@train#handlers"},
         },
@@ -451,12 +458,12 @@ def test_adversarial_autoencoder_amp_on_cuda(amp):
     torch.manual_seed(0)
     ae = tiny_ae().cuda()
     disc = PatchDiscriminator(spatial_dims=3, num_layers_d=2, channels=8, in_channels=1, out_channels=1).cuda()
-    trainer = AutoencoderTrainer("cuda", 2, loader(), ae, torch.optim.Adam(ae.parameters(), 1e-3), disc,
-                                 torch.optim.Adam(disc.parameters(), 1e-3), adversarial_warmup_iterations=1,
-                                 amp=amp, grad_clip_norm=1.0, ema_decay=0.9)
+    trainer = AdversarialTrainer("cuda", 2, loader(), ae, torch.optim.Adam(ae.parameters(), 1e-3),
+                                 {"l1": L1(), "kl": KL(1e-6)}, disc, torch.optim.Adam(disc.parameters(), 1e-3),
+                                 adversarial_warmup_iterations=1, amp=amp, grad_clip_norm=1.0, ema_decay=0.9)
     trainer.run()
     out = trainer.state.output
-    assert out["reconstruction"].is_cuda and math.isfinite(out["loss"]) and out["d_loss"] > 0
+    assert out["pred"].is_cuda and math.isfinite(out["loss"]) and out["d_loss"] > 0
     assert trainer.g_scaler.is_enabled() == (amp == "fp16")
 
 
@@ -468,11 +475,112 @@ def test_vq_autoencoder_with_hinge_discriminator():
                downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)), upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)),
                num_embeddings=16, embedding_dim=4)
     disc = PatchDiscriminator(spatial_dims=3, num_layers_d=2, channels=8, in_channels=1, out_channels=1)
-    trainer = AutoencoderTrainer("cpu", 2, loader(), vq, torch.optim.Adam(vq.parameters(), 1e-3), disc,
-                                 torch.optim.Adam(disc.parameters(), 1e-3), vq_weight=0.25,
+    trainer = AdversarialTrainer("cpu", 2, loader(), vq, torch.optim.Adam(vq.parameters(), 1e-3),
+                                 {"l1": L1(), "vq": Quantization(0.25)}, disc, torch.optim.Adam(disc.parameters(), 1e-3),
                                  adversarial_criterion="hinge", adversarial_warmup_iterations=1)
     outs = record(trainer, lambda e: {k: v for k, v in e.state.output.items() if isinstance(v, float)})
     trainer.run()
     o = outs[-1]
-    assert o["kl"] == 0.0 and o["vq"] > 0 and o["d_loss"] > 0
+    assert "kl" not in o and o["vq"] > 0 and o["d_loss"] > 0
     assert math.isclose(o["loss"], o["l1"] + 0.25 * o["vq"] + 0.01 * o["g_adv"], rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- adversarial trainer
+class TinyTranslator(torch.nn.Module):
+    """A pix2pix-like image-to-image generator: source contrast -> target contrast."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 1, 3, padding=1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def translation_slices(n=8, seed=0):
+    """2-D slices: target = smooth function of the source, brighter inside a 'lesion' mask."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.nn.functional.avg_pool2d(torch.rand(n, 1, 24, 24, generator=g), 5, stride=1, padding=2)
+    lesion = torch.zeros(n, 1, 24, 24)
+    lesion[..., 8:14, 9:15] = 1.0
+    tgt = 1.0 - src + 0.8 * lesion
+    return [{"t2w": src[i], "t2f": tgt[i], "label": lesion[i]} for i in range(n)]
+
+
+def test_pix2pix_like_generator_with_lesion_mask_term_trains_through_the_same_trainer():
+    torch.manual_seed(0)
+    gen = TinyTranslator()
+    disc = PatchDiscriminator(spatial_dims=2, num_layers_d=2, channels=8, in_channels=2, out_channels=1)
+    losses = {"l1": L1(10.0), "lesion": MaskedL1(10.0, mask_key="label")}
+    seen = []
+
+    class Recording(torch.nn.Module):  # sees what the discriminator sees
+        def __init__(self, d):
+            super().__init__()
+            self.d = d
+
+        def forward(self, x):
+            seen.append(x.shape[1])
+            return self.d(x)
+
+    data = make_dataloader(translation_slices(), batch_size=4, seed=0)
+    trainer = AdversarialTrainer("cpu", 30, data, gen, torch.optim.Adam(gen.parameters(), 3e-3), losses,
+                                 Recording(disc), torch.optim.Adam(disc.parameters(), 1e-3), adversarial_weight=0.1,
+                                 adversarial_warmup_iterations=2, input_key="t2w", target_key="t2f",
+                                 condition_key="t2w", d_steps=2)
+    outs = record(trainer, lambda e: {k: v for k, v in e.state.output.items() if isinstance(v, float)})
+    trainer.run()
+    first, last = outs[0], outs[-1]
+    assert last["lesion"] < 0.6 * first["lesion"] and last["l1"] < 0.6 * first["l1"]
+    assert set(seen) == {2}  # the discriminator sees cat(source, image), as pix2pix's conditional D
+    # per iteration after the warm-up: one D call in the G step, two D steps on (fake, real)
+    assert len(seen) == (60 - 2) * (1 + 2 * 2)
+    out = trainer.state.output
+    assert math.isclose(last["loss"], 10 * last["l1"] + 10 * last["lesion"] + last["adv_weight"] * last["g_adv"],
+                        rel_tol=1e-5)
+    assert out["pred"].shape == out["image"].shape == (4, 1, 24, 24)
+
+
+def test_masked_l1_known_answer_and_normalisation():
+    pred = torch.zeros(1, 1, 4, 4)
+    target = torch.ones(1, 1, 4, 4)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :2] = 3.0  # any label > 0 counts as lesion
+    batch = {"label": mask}
+    assert float(MaskedL1(mask_key="label")(pred, target, {}, batch)) == pytest.approx(4 / 16)
+    assert float(MaskedL1(mask_key="label", normalise="mask")(pred, target, {}, batch)) == pytest.approx(1.0)
+    with pytest.raises(KeyError, match="no 'lesion' mask"):
+        MaskedL1(mask_key="lesion")(pred, target, {}, batch)
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio_and_feature_matching_is_reported():
+    torch.manual_seed(0)
+    ae = tiny_ae()
+    disc = PatchDiscriminator(spatial_dims=3, num_layers_d=2, channels=8, in_channels=1, out_channels=1)
+    last = ae.decoder.blocks[-1].conv.weight
+    captured = {}
+    trainer = ae_trainer(ae, torch.optim.SGD(ae.parameters(), 0.0), 1, losses={"l1": L1()}, discriminator=disc,
+                         d_optimizer=torch.optim.SGD(disc.parameters(), 0.0), adversarial_weight=0.5,
+                         adaptive_weight=True, last_layer=last, feature_matching_weight=1.0,
+                         adversarial_criterion="hinge")
+    original = trainer._adaptive
+
+    def spy(rec, g_adv):
+        lam = original(rec, g_adv)
+        r = torch.autograd.grad(rec, last, retain_graph=True)[0].norm()
+        a = torch.autograd.grad(g_adv, last, retain_graph=True)[0].norm()
+        captured["expected"] = float((r / (a + 1e-4)).clamp(0, 1e4))
+        captured["lam"] = float(lam)
+        return lam
+
+    trainer._adaptive = spy
+    trainer.run()
+    out = trainer.state.output
+    assert captured["lam"] == pytest.approx(captured["expected"], rel=1e-5) and captured["lam"] > 0
+    assert out["adv_weight"] == pytest.approx(0.5 * captured["lam"], rel=1e-5)
+    assert out["fm"] > 0
+    assert math.isclose(out["loss"], out["l1"] + out["adv_weight"] * out["g_adv"] + out["fm"], rel_tol=1e-4)
+    with pytest.raises(ValueError, match="last_layer"):
+        ae_trainer(ae, torch.optim.SGD(ae.parameters(), 0.0), losses={"l1": L1()}, adaptive_weight=True)
+    with pytest.raises(ValueError, match="reserved"):
+        ae_trainer(ae, torch.optim.SGD(ae.parameters(), 0.0), losses={"loss": L1()})

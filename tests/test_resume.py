@@ -9,7 +9,8 @@ from monai.handlers import LrScheduleHandler
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
-from common.engines import AutoencoderTrainer, DiffusionTrainer, FullStateCheckpointer, load_weights, make_dataloader
+from common.engines import AdversarialTrainer, DiffusionTrainer, FullStateCheckpointer, load_weights, make_dataloader
+from common.engines.losses import KL, L1, SSIM
 from common.io import DataError, torch_load, torch_save
 
 
@@ -47,9 +48,10 @@ def build_autoencoder(init_seed, ckpt_dir):
     handlers = [LrScheduleHandler(lr_sched, print_lr=False)]
     if ckpt_dir is not None:
         handlers.append(FullStateCheckpointer(ckpt_dir, save_interval_iterations=1, objects={"lr_scheduler": lr_sched}))
-    trainer = AutoencoderTrainer(
-        "cpu", 3, make_dataloader(data(), batch_size=2, shuffle=True, seed=3), ae, opt, disc, d_opt,
-        ssim_weight=0.1, adversarial_warmup_iterations=4, ema_decay=0.9, train_handlers=handlers,
+    trainer = AdversarialTrainer(
+        "cpu", 3, make_dataloader(data(), batch_size=2, shuffle=True, seed=3), ae, opt,
+        {"l1": L1(), "kl": KL(1e-6), "ssim": SSIM(0.1)}, disc, d_opt,
+        adversarial_warmup_iterations=4, ema_decay=0.9, train_handlers=handlers,
     )
     return trainer, {"lr_scheduler": lr_sched}
 
@@ -144,14 +146,27 @@ def test_scale_factor_and_ema_travel_with_the_checkpoint(tmp_path):
     trainer, _ = build_diffusion(0, tmp_path)
     trainer.run()
     net = CondNet()
-    load_weights(tmp_path / "latest.pt", net, key="network")
+    load_weights(net, tmp_path / "latest.pt", key="network")
     assert torch.isfinite(net.scale_factor) and float(net.scale_factor) == float(trainer.network.scale_factor)
     ema = CondNet()
-    load_weights(tmp_path / "latest.pt", ema, key="ema")
+    load_weights(ema, tmp_path / "latest.pt", key="ema")
     for a, b in zip(ema.parameters(), trainer.ema_model.parameters()):
         assert torch.equal(a, b)
     with pytest.raises(DataError, match="no 'generator' entry"):
-        load_weights(tmp_path / "latest.pt", net, key="generator")
+        load_weights(net, tmp_path / "latest.pt", key="generator")
+    # weights of another network: one short message naming the file and what differs, nothing loaded
+    other = CondNet()
+    other.unet = DiffusionModelUNet(spatial_dims=3, in_channels=3, out_channels=2, channels=(16, 16),
+                                    attention_levels=(False, False), num_res_blocks=1, norm_num_groups=4)
+    before = {k: v.detach().clone() for k, v in other.named_parameters()}
+    with pytest.raises(DataError) as info:
+        load_weights(other, tmp_path / "latest.pt", key="network", hint="add configs/demo.json")
+    message = str(info.value)
+    assert "latest.pt" in message and "another shape" in message and "add configs/demo.json" in message
+    assert len(message) < 400 and "\n" not in message
+    assert all(torch.equal(before[k], v) for k, v in other.named_parameters())
+    with pytest.raises(DataError, match="not found.*train it"):
+        load_weights(other, tmp_path / "nothing.pt", hint="train it")
 
 
 def test_resuming_from_a_foreign_file_names_the_file(tmp_path):

@@ -70,7 +70,7 @@ def demo(
     generated = None
     if generate:
         t = _step("4/4 LDM-3D: multi-contrast volumes from held-out phantom masks (committed demo weights)")
-        from common.bundle.demo import ldm3d_demo
+        from common.ldm3d.demo import ldm3d_demo
 
         generated = ldm3d_demo(out_dir / "ldm3d", n_masks=2, num_samples=2)
         print(f"   {len(generated)} samples in {out_dir / 'ldm3d' / 'generated'}; {time.perf_counter() - t:.1f} s")

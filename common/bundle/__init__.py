@@ -1,22 +1,8 @@
-"""Bundle-side helpers every bundle reuses: data resolution (phantoms made on first use), mask checks for
-inference, outputs written on the mask's grid (BraTS names + montage), weight loading."""
+"""What bundle configs call: data resolution (phantoms made on first use), a bundle's own chains read through
+``monai.bundle.ConfigParser``, and in-process bundle runs."""
 
-from common.bundle.generate import generate
-from common.bundle.prepare import prepare_cases
-from common.bundle.run import run_bundle
 from common.bundle.data import phantom_datalist, resolve_datalist, training_items
-from common.bundle.masks import collect_masks, load_mask
-from common.bundle.outputs import load_weights, save_generated
+from common.bundle.prepare import bundle_config, prepare_cases
+from common.bundle.run import run_bundle
 
-__all__ = [
-    "collect_masks",
-    "generate",
-    "load_mask",
-    "load_weights",
-    "phantom_datalist",
-    "prepare_cases",
-    "resolve_datalist",
-    "run_bundle",
-    "save_generated",
-    "training_items",
-]
+__all__ = ["bundle_config", "phantom_datalist", "prepare_cases", "resolve_datalist", "run_bundle", "training_items"]

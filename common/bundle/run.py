@@ -9,6 +9,16 @@ from typing import Any, Sequence
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
 
+def bundle_root(bundle: str | os.PathLike) -> Path:
+    """A bundle folder, or the folder of that name under ``bundles/``."""
+    root = Path(bundle) if Path(bundle).is_dir() else BUNDLES / str(bundle)
+    if not (root / "configs").is_dir():
+        from common.io import DataError
+
+        raise DataError(root, "not a bundle folder (no configs/): give a bundle folder or a name under bundles/")
+    return root.resolve()
+
+
 def run_bundle(
     bundle: str | os.PathLike,
     config_files: Sequence[str],
@@ -22,8 +32,7 @@ def run_bundle(
     """
     from monai.bundle import ConfigWorkflow
 
-    root = Path(bundle) if Path(bundle).is_dir() else BUNDLES / str(bundle)
-    root = root.resolve()
+    root = bundle_root(bundle)
     files = [str(root / "configs" / f) for f in config_files]
     workflow = ConfigWorkflow(
         config_file=files,

@@ -2,8 +2,9 @@
 
 Trainers (MONAI ``Trainer`` subclasses, hence ignite Engines usable in bundle configs):
 
-* :class:`AutoencoderTrainer` -- KL autoencoder + patch discriminator (L1, KL, perceptual, SSIM,
-  adversarial after a warm-up);
+* :class:`AdversarialTrainer` -- generator + patch discriminator with named, weighted loss terms
+  (:mod:`common.engines.losses`), adversarial term after a warm-up, optional adaptive weight and feature
+  matching, D steps per G step: the LDM-3D autoencoder, the VQGAN and pix2pix;
 * :class:`DiffusionTrainer` -- epsilon / v-prediction / sample / rectified-flow regression in pixel or
   latent space, condition dropout for classifier-free guidance, latent scale factor stored in the network.
 
@@ -15,19 +16,20 @@ Around them:
 * :mod:`common.engines.checkpoint` -- :class:`FullStateCheckpointer` / :func:`attach_checkpointing`
   (exact resume, RNG included), :class:`WeightsExporter` (plain ``models/*.pt``), :func:`load_weights`;
 * :mod:`common.engines.data` -- :func:`make_dataloader` / :class:`ResumableSampler`;
-* :mod:`common.engines.distributed` -- ``setup()``, ``wrap_model()``, ``rank0_only()`` for torchrun;
-* :mod:`common.engines.validation` -- seeded evaluators and pluggable metric handlers;
+* :mod:`common.engines.distributed` -- ``setup()``, ``wrap_model()``, ``is_main_process()`` for torchrun;
+* :mod:`common.engines.validation` -- seeded evaluators, prepare-batch, inferers and metric handlers;
 * :mod:`common.engines.monitor` -- progress bar and TensorBoard scalars / image slices.
 """
 
-from common.engines.autoencoder import AutoencoderTrainer, kl_divergence, ssim_similarity
+from common.engines import losses
+from common.engines.adversarial import AdversarialTrainer
 from common.engines.base import EngineOutput, GenerativeTrainer
 from common.engines.checkpoint import FullStateCheckpointer, WeightsExporter, attach_checkpointing, load_weights
 from common.engines.data import ResumableSampler, make_dataloader
 from common.engines.diffusion import DiffusionTrainer, diffusion_target
 
 __all__ = [
-    "AutoencoderTrainer",
+    "AdversarialTrainer",
     "DiffusionTrainer",
     "GenerativeTrainer",
     "EngineOutput",
@@ -35,9 +37,8 @@ __all__ = [
     "WeightsExporter",
     "attach_checkpointing",
     "load_weights",
+    "losses",
     "ResumableSampler",
     "make_dataloader",
     "diffusion_target",
-    "kl_divergence",
-    "ssim_similarity",
 ]

@@ -21,7 +21,9 @@ from monai.engines import Trainer
 from monai.engines.utils import default_metric_cmp_fn, default_prepare_batch
 from monai.engines.workflow import Workflow
 
-from common.engines.distributed import all_reduce_mean, get_world_size, unwrap
+import ignite.distributed as idist
+
+from common.engines.distributed import all_reduce_mean, unwrap
 
 __all__ = ["GenerativeTrainer", "EngineOutput", "AMP_DTYPES"]
 
@@ -213,7 +215,7 @@ class GenerativeTrainer(Trainer):
 
     def reduce_scalars(self, scalars: dict[str, float]) -> dict[str, float]:
         """Average float outputs over processes so rank 0 logs the global values."""
-        if get_world_size() <= 1 or not scalars:
+        if idist.get_world_size() <= 1 or not scalars:
             return scalars
         keys = sorted(scalars)
         vec = torch.tensor([float(scalars[k]) for k in keys], dtype=torch.float64, device=self.state.device)

@@ -30,7 +30,9 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from common.engines.distributed import all_gather_object, get_rank, unwrap
+import ignite.distributed as idist
+
+from common.engines.distributed import all_gather_object, unwrap
 from common.io import torch_load, torch_save
 
 __all__ = [
@@ -77,16 +79,54 @@ def _state_of(obj: Any) -> Any:
     return obj.state_dict()
 
 
-def load_weights(path: str | Path, network: torch.nn.Module, key: str = "network", strict: bool = True) -> torch.nn.Module:
-    """Load one network (e.g. ``"ema"``, ``"autoencoder"``) from a full-state checkpoint or a plain state dict."""
+def _mismatch(network: torch.nn.Module, state: dict) -> str | None:
+    """One sentence on how ``state`` differs from ``network``'s parameters (None when it fits exactly)."""
+    own = unwrap(network).state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} tensors of another shape (first: {shapes[0]}, file vs network)")
+    if missing:
+        parts.append(f"{len(missing)} of the network's {len(own)} tensors missing (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors the network does not have (first: {unexpected[0]})")
+    return "; ".join(parts)
+
+
+def load_weights(network: torch.nn.Module, path: str | Path, key: str | None = None, strict: bool = True,
+                 hint: str = "") -> torch.nn.Module:
+    """Fill ``network`` from a weight file and return it: a plain state dict, MONAI ``CheckpointSaver``'s
+    ``{"model": ...}`` or a full-state training checkpoint (``key`` picks its entry, e.g. ``"ema"``; default
+    ``"network"``/``"generator"``/``"model"``). Loaded with ``weights_only=True``.
+
+    Weights that do not fit stop with one short :class:`~common.io.DataError` naming the file, what differs
+    and ``hint`` (how to get matching weights), never a page of ``state_dict`` keys and never a partial load.
+    """
     from common.io import DataError
 
-    ckpt = torch_load(path)
-    state = ckpt
-    if isinstance(ckpt, dict) and "objects" in ckpt:
-        if key not in ckpt["objects"]:
-            raise DataError(path, f"checkpoint has no '{key}' entry (has {sorted(ckpt['objects'])})")
-        state = ckpt["objects"][key]
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, f"weight file not found{'; ' + hint if hint else ''}")
+    state = torch_load(path)
+    if isinstance(state, dict) and "objects" in state:  # full-state training checkpoint
+        state = state["objects"]
+    if isinstance(state, dict) and not any(hasattr(v, "shape") for v in state.values()):
+        names = [key] if key is not None else ["network", "generator", "model", "state_dict", "autoencoder"]
+        found = next((n for n in names if n in state), None)
+        if found is None:
+            raise DataError(path, f"no {' / '.join(repr(n) for n in names)} entry in the weight file "
+                                  f"(it has {sorted(state)[:8]})")
+        state = state[found]
+    if not isinstance(state, dict):
+        raise DataError(path, f"not a state dict (found {type(state).__name__})")
+    problem = _mismatch(network, state) if strict else None
+    if problem:
+        raise DataError(path, f"weights do not fit the configured network: {problem}{'. ' + hint if hint else ''}")
     unwrap(network).load_state_dict(state, strict=strict)
     return network
 
@@ -147,7 +187,7 @@ class FullStateCheckpointer:
 
     def save(self, engine: Engine, path: str | Path | None = None) -> Path | None:
         state = self.state(engine)  # collective: all ranks call it
-        if get_rank() != 0:
+        if idist.get_rank() != 0:
             return None
         path = Path(path) if path is not None else self.path
         torch_save(state, path)
@@ -161,7 +201,7 @@ class FullStateCheckpointer:
 
     def _on_epoch(self, engine: Engine) -> None:
         self.save(engine)
-        if self.save_epoch_copies and get_rank() == 0:
+        if self.save_epoch_copies and idist.get_rank() == 0:
             torch_save(torch_load(self.path), self.save_dir / f"epoch_{engine.state.epoch}.pt")
 
     # -- loading ----------------------------------------------------------------------------------------
@@ -206,7 +246,7 @@ class FullStateCheckpointer:
              "max_epochs": engine.state.max_epochs}
         )
         rng_states = ckpt["rng"]
-        set_rng_state(rng_states[get_rank() % len(rng_states)])
+        set_rng_state(rng_states[idist.get_rank() % len(rng_states)])
         self.loaded_from = Path(path)
         logger.info(f"resumed from {path} at iteration {saved['iteration']}")
 
@@ -233,7 +273,7 @@ class WeightsExporter:
         objects = engine.checkpoint_objects()
         if self.key not in objects:
             raise KeyError(f"WeightsExporter: trainer has no '{self.key}' (has {sorted(objects)})")
-        if get_rank() != 0:
+        if idist.get_rank() != 0:
             return None
         return torch_save(_state_of(objects[self.key]), self.path)
 

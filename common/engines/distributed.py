@@ -10,7 +10,7 @@ Used by the bundles' ``multi_gpu_train*.json`` overlays, e.g.::
     "network": "$common.engines.distributed.wrap_model(@network_def.to(@device))",
     "train#dataloader": {"_target_": "common.engines.make_dataloader", "dataset": "@train#dataset",
                          "batch_size": 1, "shuffle": true, "seed": 0},
-    "train#handlers": "$common.engines.distributed.rank0_only(@train#handlers)",
+    "log_on_this_rank": "$common.engines.distributed.is_main_process(@device)",   # handlers: "_disabled_": "$not @log_on_this_rank"
     "finalize": ["$common.engines.distributed.finalize()"]
 
 ``batch_size`` stays per process (the global batch is ``batch_size * world_size``).
@@ -29,12 +29,9 @@ import ignite.distributed as idist
 __all__ = [
     "setup",
     "finalize",
-    "get_rank",
-    "get_world_size",
     "is_main_process",
     "wrap_model",
     "unwrap",
-    "rank0_only",
     "all_reduce_mean",
     "all_gather_object",
     "seed_everything",
@@ -66,15 +63,9 @@ def finalize() -> None:
         idist.finalize()
 
 
-def get_rank() -> int:
-    return idist.get_rank()
-
-
-def get_world_size() -> int:
-    return idist.get_world_size()
-
-
-def is_main_process() -> bool:
+def is_main_process(*after: Any) -> bool:
+    """Rank 0 (or the only process). Configs pass ``@device`` as ``after`` so the process group, which
+    ``setup()`` creates when ``device`` is resolved, exists before the rank is read."""
     return idist.get_rank() == 0
 
 
@@ -117,13 +108,6 @@ def unwrap(model: torch.nn.Module | None) -> torch.nn.Module | None:
     return model
 
 
-def rank0_only(handlers: Iterable | None) -> list:
-    """``handlers`` on rank 0 and an empty list elsewhere: logging, TensorBoard, image writers, savers."""
-    if handlers is None:
-        return []
-    return list(handlers) if is_main_process() else []
-
-
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean over processes (identity on one process)."""
     if idist.get_world_size() <= 1:
@@ -132,7 +116,8 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_object(obj: Any) -> list:
-    """List of ``obj`` from every rank (``[obj]`` on one process)."""
+    """List of ``obj`` from every rank (``[obj]`` on one process); any picklable object, where
+    ``idist.all_gather`` takes tensors, numbers and strings only."""
     if idist.get_world_size() <= 1:
         return [obj]
     out: list = [None] * idist.get_world_size()

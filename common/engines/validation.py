@@ -4,16 +4,14 @@
   validation samples are comparable across epochs and the training RNG stream (hence exact resume) is
   untouched.
 * Prepare-batch helpers: :class:`ReconstructionPrepareBatch` (image -> (image, image)) for autoencoders,
-  :class:`ConditionPrepareBatch` (-> (condition, image)) for samplers whose inferer maps a condition
-  (e.g. a tumour mask) to images.
-* :class:`ReconstructionInferer` -- ``network.reconstruct(x)`` (deterministic, posterior mean) or
-  ``network(x)[0]``.
+  :class:`ConditionPrepareBatch` (-> (inputs, target, (), {"condition": condition})) for conditional models.
+* Inferers: :class:`ReconstructionInferer` (``network.reconstruct(x)``, the posterior mean of a KL autoencoder,
+  or ``network(x)[0]``); :class:`DenoisingLossInferer` (the diffusion loss at fixed timesteps and fixed noise,
+  pixel or latent space).
 * Metric handlers (ignite metrics for ``key_val_metric`` / ``additional_metrics``) around *pluggable*
-  functions ``fn(pred, target) -> per-sample values [B]``: :func:`metric_handler`, and
-  :func:`ssim_handler`, :func:`psnr_handler`, :func:`mae_handler` (data range taken per sample from the
-  target, which suits z-scored MRI). Per-volume functions of the evaluation suite (``common.metrics``,
-  ``fn(pred_3d, target_3d) -> float``) plug in through :func:`per_volume`, e.g.
-  ``metric_handler(per_volume(common.metrics.similarity.ssim, data_range=1.0))``. Values are gathered
+  functions ``fn(pred, target) -> per-sample values [B]``: :func:`metric_handler`, :func:`ssim_handler` and
+  :func:`psnr_handler` (data range taken per sample from the target: z-scored MRI has no fixed range, which
+  MONAI's ``PSNRMetric(max_val)`` assumes); MAE is MONAI's ``MeanAbsoluteError`` handler. Values are gathered
   over processes.
 
 Bundle config sketch::
@@ -24,7 +22,8 @@ Bundle config sketch::
         "inferer": "$common.engines.validation.ReconstructionInferer()",
         "key_val_metric": {"val_ssim": "$common.engines.validation.ssim_handler()"},
         "additional_metrics": {"val_psnr": "$common.engines.validation.psnr_handler()",
-                               "val_mae": "$common.engines.validation.mae_handler()"}},
+                               "val_mae": {"_target_": "MeanAbsoluteError",
+                                           "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}}},
     "train#handlers": [{"_target_": "ValidationHandler", "validator": "@validate#evaluator",
                         "epoch_level": true, "interval": "@val_interval"}, ...]
 """
@@ -32,7 +31,7 @@ Bundle config sketch::
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,22 +40,19 @@ from monai.handlers import IgniteMetricHandler, from_engine
 from monai.inferers import Inferer
 from monai.metrics.regression import RegressionMetric
 
-from common.engines.autoencoder import ssim_similarity
 
 __all__ = [
     "SeededEvaluator",
     "ReconstructionPrepareBatch",
     "ConditionPrepareBatch",
     "ReconstructionInferer",
+    "DenoisingLossInferer",
     "FunctionMetric",
     "metric_handler",
-    "per_volume",
     "ssim_per_sample",
     "psnr_per_sample",
-    "mae_per_sample",
     "ssim_handler",
     "psnr_handler",
-    "mae_handler",
 ]
 
 
@@ -96,30 +92,78 @@ class ReconstructionPrepareBatch:
 
 
 class ConditionPrepareBatch:
-    """``prepare_batch`` for conditional samplers: returns ``(condition, image)``; the inferer maps the
-    condition to generated images, metrics compare them with the real image."""
+    """``prepare_batch`` for conditional models: ``(inputs, target, (), {"condition": condition})``, so MONAI's
+    ``SupervisedEvaluator`` calls ``inferer(inputs, network, condition=condition)``.
 
-    def __init__(self, condition_key: str = "label", image_key: str = "image"):
-        self.condition_key = condition_key
-        self.image_key = image_key
+    ``input_key=None`` gives the condition as the inferer's input (a sampler mapping a mask to images) and no
+    keyword; ``target_key=None`` gives zeros [B, 1] as the target (a loss-valued inferer scored against 0)."""
+
+    def __init__(self, condition_key: str = "label", input_key: str | None = "image", target_key: str | None = None):
+        self.condition_key, self.input_key, self.target_key = condition_key, input_key, target_key
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs: Any):
-        for key in (self.condition_key, self.image_key):
+        def get(key):
             if key not in batchdata:
                 raise KeyError(f"validation batch has no '{key}' key (got {list(batchdata)})")
-        cond = batchdata[self.condition_key].to(device=device, non_blocking=non_blocking, **kwargs)
-        image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
-        return cond, image
+            return batchdata[key].to(device=device, non_blocking=non_blocking, **kwargs)
+
+        cond = get(self.condition_key)
+        if self.input_key is None:
+            target = get(self.target_key) if self.target_key else torch.zeros(cond.shape[0], 1, device=device)
+            return cond, target
+        inputs = get(self.input_key)
+        target = get(self.target_key) if self.target_key else torch.zeros(inputs.shape[0], 1, device=device)
+        return inputs, target, (), {"condition": cond}
 
 
 class ReconstructionInferer(Inferer):
-    """Autoencoder reconstruction for validation (deterministic when the network has ``reconstruct``)."""
+    """Autoencoder reconstruction for validation (deterministic when the network has ``reconstruct``, as MONAI's
+    ``AutoencoderKL`` does: decoder of the posterior mean)."""
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if hasattr(network, "reconstruct"):
-            return network.reconstruct(inputs)
+        from common.engines.distributed import unwrap
+
+        plain = unwrap(network)
+        if hasattr(plain, "reconstruct"):
+            return plain.reconstruct(inputs)
         out = network(inputs, *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class DenoisingLossInferer:
+    """``inferer(images, network, condition=...)`` -> per-case mean squared error of the diffusion target
+    ([B, 1]) averaged over ``timesteps`` (evenly spread unless given), with fixed noise: the number moves only
+    when the model does. Latent models are scored on their deterministic latents (``network.encode_mean``).
+
+    Score it with MONAI's ``MeanAbsoluteError`` against the zero target of :class:`ConditionPrepareBatch`:
+    the MAE of a non-negative error against 0 is the error itself.
+    """
+
+    def __init__(self, scheduler, num_timesteps: int = 8, timesteps: Sequence[int] | None = None, seed: int = 0):
+        self.scheduler = scheduler
+        total = scheduler.num_train_timesteps
+        if timesteps is None:
+            timesteps = [int(round((i + 0.5) * total / num_timesteps)) for i in range(num_timesteps)]
+        self.timesteps = [min(max(int(t), 0), total - 1) for t in timesteps]
+        self.seed = int(seed)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, network, condition: torch.Tensor | None = None) -> torch.Tensor:
+        from common.engines.diffusion import diffusion_target
+        from common.engines.distributed import unwrap
+
+        net = unwrap(network)
+        x0 = net.encode_mean(images) if hasattr(net, "encode_mean") else images
+        gen = torch.Generator(device=x0.device).manual_seed(self.seed)
+        errors = []
+        for t in self.timesteps:
+            noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+            ts = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+            noisy = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=ts)
+            pred = net(noisy, ts, condition=condition)
+            target = diffusion_target(self.scheduler, x0, noise, ts)
+            errors.append(((pred.float() - target.float()) ** 2).flatten(1).mean(1))
+        return torch.stack(errors, 1).mean(1, keepdim=True)
 
 
 class FunctionMetric(RegressionMetric):
@@ -139,36 +183,22 @@ def _range(target: torch.Tensor) -> torch.Tensor:
     return (flat.max(1).values - flat.min(1).values).clamp_min(1e-6)
 
 
-def ssim_per_sample(pred: torch.Tensor, target: torch.Tensor, kernel_size: int = 7) -> torch.Tensor:
-    """SSIM per sample: the training loss's SSIM with each target's own range (z-scored MRI has no fixed range)."""
+def ssim_per_sample(pred: torch.Tensor, target: torch.Tensor, kernel_size: int = 11) -> torch.Tensor:
+    """SSIM per sample (common.ops.ssim) with each target's own data range (z-scored MRI has no fixed range);
+    the window shrinks (odd) on volumes smaller than it."""
+    from common.ops.ssim import ssim
+
+    k = min(kernel_size, min(pred.shape[2:]))
+    k = k if k % 2 == 1 else k - 1
     with torch.no_grad():
-        return torch.stack([ssim_similarity(p[None], t[None], kernel_size) for p, t in zip(pred, target)])
+        return torch.stack([ssim(p[None].float(), t[None].float(), data_range=r, kernel_size=k)
+                            for p, t, r in zip(pred, target, _range(target))])
 
 
 def psnr_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """PSNR per sample (dB) with the target's range as peak value."""
     mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
     return 10.0 * torch.log10(_range(target).pow(2) / mse)
-
-
-def mae_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (pred.float() - target.float()).abs().flatten(1).mean(1)
-
-
-def per_volume(fn: Callable[..., float], **kwargs: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Batch metric from a per-volume one: ``fn(pred[i, c], target[i, c], **kwargs)`` on numpy volumes,
-    averaged over channels -> values ``[B]``."""
-
-    def batch_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        p = pred.detach().float().cpu().numpy()
-        t = target.detach().float().cpu().numpy()
-        values = [
-            sum(float(fn(p[i, c], t[i, c], **kwargs)) for c in range(p.shape[1])) / p.shape[1]
-            for i in range(p.shape[0])
-        ]
-        return torch.tensor(values, dtype=torch.float64)
-
-    return batch_fn
 
 
 def metric_handler(fn: Callable | Any, output_transform: Callable | None = None, save_details: bool = False):
@@ -183,13 +213,9 @@ def metric_handler(fn: Callable | Any, output_transform: Callable | None = None,
     )
 
 
-def ssim_handler(kernel_size: int = 7, output_transform: Callable | None = None):
+def ssim_handler(kernel_size: int = 11, output_transform: Callable | None = None):
     return metric_handler(lambda p, t: ssim_per_sample(p, t, kernel_size), output_transform)
 
 
 def psnr_handler(output_transform: Callable | None = None):
     return metric_handler(psnr_per_sample, output_transform)
-
-
-def mae_handler(output_transform: Callable | None = None):
-    return metric_handler(mae_per_sample, output_transform)

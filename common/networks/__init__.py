@@ -1,16 +1,7 @@
-"""Networks MONAI lacks for mask-conditioned generation; everything else is MONAI core."""
+"""Generic building blocks (MONAI networks configured once, what MONAI lacks); method networks live in their
+method module (``common.ldm3d``...)."""
 
-from common.networks.ldm import MaskConditionedLDM, MaskConditioner, build_autoencoder, build_ldm, build_unet
+from common.networks.builders import build_autoencoder, build_unet, one_hot_labels
 from common.networks.perceptual import build_perceptual_loss
-from common.networks.sampling import MaskConditionedSampler, make_sampling_scheduler
 
-__all__ = [
-    "MaskConditioner",
-    "MaskConditionedLDM",
-    "MaskConditionedSampler",
-    "build_autoencoder",
-    "build_ldm",
-    "build_perceptual_loss",
-    "build_unet",
-    "make_sampling_scheduler",
-]
+__all__ = ["build_autoencoder", "build_perceptual_loss", "build_unet", "one_hot_labels"]

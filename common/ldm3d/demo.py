@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-DEMO_SHAPE = (64, 64, 32)  # configs/demo.json spatial_size
-PHANTOM_SHAPE = (64, 64, 40)  # configs/demo.json phantom_shape
+DEMO_CONFIGS = ("inference.json", "demo.json")
 HELD_OUT_SEED = 1000  # the demo weights were trained on phantom seed 0
 
 
@@ -24,17 +23,17 @@ def ldm3d_demo(
 ) -> list[dict]:
     """Make ``n_masks`` held-out phantom cases, bring them to the demo grid (``out_dir/reference``) and generate
     ``num_samples`` 4-contrast volumes per mask into ``out_dir/generated``; returns the generation records."""
-    from common.bundle.data import phantom_datalist
-    from common.bundle.prepare import prepare_cases
-    from common.bundle.run import run_bundle
+    from common.bundle import bundle_config, phantom_datalist, prepare_cases, run_bundle
 
     out = Path(out_dir)
-    datalist = phantom_datalist(cache_dir, n=max(int(n_masks), 1), shape=PHANTOM_SHAPE, seed=HELD_OUT_SEED,
+    phantom_shape = bundle_config("brats_mri_ldm3d", DEMO_CONFIGS)["phantom_shape"]  # the demo weights' data
+    datalist = phantom_datalist(cache_dir, n=max(int(n_masks), 1), shape=phantom_shape, seed=HELD_OUT_SEED,
                                 folds=1, progress=progress) if n_masks >= 1 else None
-    prepare_cases(datalist, out / "reference", DEMO_SHAPE, section=("training", "validation"), progress=progress)
+    prepare_cases(datalist, out / "reference", "brats_mri_ldm3d", DEMO_CONFIGS, section=("training", "validation"),
+                  progress=progress)
     result = run_bundle(
         "brats_mri_ldm3d",
-        ["inference.json", "demo.json"],
+        list(DEMO_CONFIGS),
         input=str(out / "reference"),
         output_dir=str(out / "generated"),
         num_samples=int(num_samples),

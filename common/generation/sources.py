@@ -1,4 +1,4 @@
-"""Tumor masks given to a generator: found (file / folder / datalist) and checked before anything is generated."""
+"""Condition sources: tumor masks found (file / folder / datalist) and checked before anything is generated."""
 
 from __future__ import annotations
 
@@ -84,3 +84,52 @@ def load_mask(
     if to_scheme and to_scheme != scheme:
         labels = convert_labels(labels, scheme, to_scheme, lossy="background", where=path)
     return labels, affine, header
+
+
+class MaskSource:
+    """Tumor masks as conditions: a mask NIfTI, a folder of masks or a datalist JSON (``label`` entries of
+    ``section``). Every mask is read and checked when the source is built, before the first sample is drawn,
+    so a bad input stops the run with a clear error and no output at all.
+
+    ``label_scheme``: the masks' label convention (default: the datalist's, else brats2023); masks are converted
+    to ``condition_scheme`` (what the network was trained on). ``spatial_size``: the model grid the masks must be on.
+    """
+
+    def __init__(
+        self,
+        input: str | os.PathLike,
+        spatial_size: Sequence[int] | None = None,
+        label_scheme: str | None = None,
+        condition_scheme: str = "brats2023",
+        section: str | Sequence[str] = ("validation",),
+    ):
+        source = Path(str(input))
+        if not str(input) or str(input) == ".":
+            raise DataError("input", "no mask input given: set it to a mask NIfTI, a folder of masks or a datalist JSON")
+        if label_scheme is None:
+            label_scheme = "brats2023"
+            if source.name.endswith(".json") and source.is_file():
+                from common.data.datalist import datalist_info
+
+                label_scheme = datalist_info(source).get("label_scheme", "brats2023")
+        self.label_scheme, self.condition_scheme = label_scheme, condition_scheme
+        masks = collect_masks(source, section)
+        seen: dict[str, Path] = {}
+        for case_id, path in masks:
+            if case_id in seen:
+                raise DataError(path, f"gives the same case id {case_id!r} as {seen[case_id]}: their outputs would "
+                                      "overwrite each other; rename one of them")
+            seen[case_id] = path
+        self.items = []
+        for case_id, path in masks:
+            labels, affine, header = load_mask(path, spatial_size, label_scheme, to_scheme=condition_scheme)
+            self.items.append({"id": case_id, "path": str(path), "labels": labels, "affine": affine, "header": header})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        import torch
+
+        for item in self.items:
+            yield item, torch.as_tensor(item["labels"].astype(np.float32))[None, None]

@@ -1,0 +1,91 @@
+"""Data suites: phantom generation and FeTS-style preprocessing (CPU)."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from common.benchmarks.runner import (BenchmarkContext, MemoryProbe, children_peak_rss_mib, result, stats,
+                                      time_calls)
+
+
+def phantoms(ctx: BenchmarkContext) -> dict:
+    """Seconds per phantom case: in memory, written with 1 worker and with N workers."""
+    from common.phantom import DEFAULT_SHAPE, SMALL_SHAPE, generate_case, make_phantoms
+    from common.phantom import anatomy
+
+    shape = tuple(ctx.overrides.get("phantom_shape", DEFAULT_SHAPE if ctx.size == "paper" else SMALL_SHAPE))
+    parallel_cases = int(ctx.overrides.get("phantom_cases", ctx.workers))
+    serial_cases = int(ctx.overrides.get("phantom_serial_cases", min(2, parallel_cases)))
+    anatomy.templates()  # template loading is a one-off per process: not part of a case's cost
+    results = []
+    ctx.log(f"phantoms: generate_case {shape}")
+    mem = MemoryProbe("cpu")
+    mem.start()
+    seeds = iter(range(10_000))
+    times = time_calls(lambda: generate_case(next(seeds), shape=shape), ctx.repeats, ctx.warmup)
+    results.append(result("in_memory", "generate_case", times, "s/case", mem, cases_per_call=1))
+    with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
+        runs = [(1, serial_cases)] + ([(ctx.workers, parallel_cases)] if ctx.workers > 1 else [])
+        for workers, n in runs:
+            folder = Path(tmp) / f"workers{workers}"
+
+            def run(workers=workers, n=n, folder=folder):
+                make_phantoms(folder, n=n, shape=shape, workers=workers, progress=False)
+
+            def remove(folder=folder):  # untimed; full-size cases take ~0.2 GB each
+                shutil.rmtree(folder, ignore_errors=True)
+
+            ctx.log(f"phantoms: make_phantoms workers={workers}, {n} cases")
+            mem = MemoryProbe("cpu")
+            mem.start()
+            times = time_calls(run, ctx.repeats, ctx.warmup, after=remove)
+            res = result("written", f"make_phantoms workers={min(workers, n)} ({n} cases)", [t / n for t in times],
+                          "s/case", mem, cases_per_call=n, workers=min(workers, n), wall_seconds=stats(times))
+            if min(workers, n) > 1:  # the work happens in child processes: the parent's RSS says nothing
+                res["peak_memory_mib"] = None
+                res["worker_peak_rss_mib"] = children_peak_rss_mib()
+            results.append(res)
+    notes = [f"phantom shape {'x'.join(map(str, shape))}; s/case = wall time of one call / cases it wrote "
+             "(NIfTI writing included for make_phantoms); memory = CPU peak RSS rise of this process; with several "
+             "workers it is not measured in the table: worker_peak_rss_mib in the JSON is the largest worker's "
+             "peak RSS (getrusage RUSAGE_CHILDREN)"]
+    return {"results": results, "notes": notes}
+
+
+def preprocess(ctx: BenchmarkContext) -> dict:
+    """``preprocess_case`` on one phantom case, total and per step, for the 1 mm recipe and a 2 mm one."""
+    from common.phantom import DEFAULT_SHAPE, SMALL_SHAPE, generate_case
+    from common.preprocess import PreprocessConfig, load_atlas, preprocess_case
+
+    shape = tuple(ctx.overrides.get("phantom_shape", DEFAULT_SHAPE if ctx.size == "paper" else SMALL_SHAPE))
+    case = generate_case(7, shape=shape)
+    images = {name: (array, case.affine) for name, array in case.images.items()}
+    label = (case.label, case.affine)
+    variants = ctx.overrides.get("preprocess_variants") or [
+        ("default (1 mm)", {}),
+        ("2 mm", {"spacing": 2.0}),
+    ]
+    atlas = load_atlas()
+    results = []
+    for name, kwargs in variants:
+        config = PreprocessConfig(**kwargs)
+        records: list[dict] = []
+
+        def run(config=config):
+            records.append(preprocess_case(images, label, config=config, atlas=atlas, case_id="benchmark").record)
+
+        ctx.log(f"preprocess: {name}")
+        mem = MemoryProbe("cpu")
+        mem.start()
+        times = time_calls(run, ctx.repeats, ctx.warmup)
+        timed = records[ctx.warmup:]
+        steps = [k for k in timed[0]["timings_s"] if k != "total"]
+        per_step = {k: statistics.median(r["timings_s"][k] for r in timed) for k in steps}
+        results.append(result("per_case", name, times, "s/case", mem, per_step_median_s=per_step,
+                               config=config.to_dict(), output_shape=timed[0]["output_shape"]))
+    notes = [f"one phantom case of {'x'.join(map(str, shape))} voxels with label; atlas loaded once outside the "
+             "timing; per-step seconds from PreprocessResult.record['timings_s'] (median over repeats)"]
+    return {"results": results, "notes": notes}
