@@ -372,27 +372,6 @@ def test_validation_every_interval_with_seeded_evaluator():
     assert evaluator.state.metrics["val_maxdiff"] == pytest.approx(expected_maxdiff, rel=1e-5)
 
 
-def test_training_logger_writes_scalars_and_slices(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from common.engines.monitor import TrainingLogger, slice_grid
-
-    torch.manual_seed(0)
-    ae = tiny_ae()
-    trainer = ae_trainer(ae, torch.optim.Adam(ae.parameters(), 1e-3),
-                         train_handlers=[TrainingLogger(tmp_path, image_keys=["image", "pred"], image_interval=1,
-                                                        progress=True)])
-    losses = record(trainer, lambda e: e.state.output["loss"])
-    trainer.run()
-    acc = EventAccumulator(str(tmp_path))
-    acc.Reload()
-    logged = [ev.value for ev in acc.Scalars("train/loss")]
-    assert logged == pytest.approx(losses, rel=1e-6)
-    assert "train/pred" in acc.Tags()["images"]
-    grid = slice_grid(torch.arange(2 * 4 * 6 * 8, dtype=torch.float32).reshape(2, 4, 6, 8))
-    assert grid.shape == (1, 6, 6 + 8 + 8) and grid.min() == 0 and grid.max() == 1
-
-
 def test_trainer_from_a_bundle_config(tmp_path):
     """The way the bundles use it: MONAI ConfigParser instantiates trainer, handlers and validation."""
     from monai.bundle import ConfigParser

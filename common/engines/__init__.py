@@ -13,18 +13,19 @@ averaged over processes. ``engine.state.output`` is an :class:`EngineOutput`: ``
 float and MONAI's ``from_engine(["loss"], first=True)`` (``--tracking mlflow``, ``StatsHandler``) works.
 Around them:
 
-* :mod:`common.engines.checkpoint` -- :class:`FullStateCheckpointer` / :func:`attach_checkpointing`
-  (exact resume, RNG included), :class:`WeightsExporter` (plain ``models/*.pt``), :func:`load_weights`;
+* :mod:`common.engines.checkpoint` -- :class:`FullStateCheckpointer` (exact resume, RNG included),
+  :class:`WeightsExporter` (plain ``models/*.pt``, e.g. of the EMA weights), :func:`load_weights`;
 * :mod:`common.engines.data` -- :func:`make_dataloader` / :class:`ResumableSampler`;
 * :mod:`common.engines.distributed` -- ``setup()``, ``wrap_model()``, ``is_main_process()`` for torchrun;
-* :mod:`common.engines.validation` -- seeded evaluators, prepare-batch, inferers and metric handlers;
-* :mod:`common.engines.monitor` -- progress bar and TensorBoard scalars / image slices.
+* :mod:`common.engines.validation` -- seeded evaluators, prepare-batch, inferers and metric handlers.
+
+Logging is MONAI's (``StatsHandler``, ``TensorBoardStatsHandler``, ``TensorBoardImageHandler``).
 """
 
 from common.engines import losses
 from common.engines.adversarial import AdversarialTrainer
 from common.engines.base import EngineOutput, GenerativeTrainer
-from common.engines.checkpoint import FullStateCheckpointer, WeightsExporter, attach_checkpointing, load_weights
+from common.engines.checkpoint import FullStateCheckpointer, WeightsExporter, load_weights
 from common.engines.data import ResumableSampler, make_dataloader
 from common.engines.diffusion import DiffusionTrainer, diffusion_target
 
@@ -35,7 +36,6 @@ __all__ = [
     "EngineOutput",
     "FullStateCheckpointer",
     "WeightsExporter",
-    "attach_checkpointing",
     "load_weights",
     "losses",
     "ResumableSampler",

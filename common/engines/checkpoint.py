@@ -1,7 +1,6 @@
 """Full-state checkpoints: a run killed at any point resumes where it stopped.
 
-``FullStateCheckpointer`` (an ignite handler, usable in ``train_handlers`` or via
-:func:`attach_checkpointing`) writes ``<save_dir>/latest.pt`` atomically (``common.io.torch_save``):
+``FullStateCheckpointer`` (an ignite handler, usable in ``train_handlers``) writes ``<save_dir>/latest.pt`` atomically (``common.io.torch_save``):
 
 * ``engine``: iteration, epoch_length (the epoch follows; mid-epoch positions are exact);
 * ``objects``: ``state_dict()`` of the trainer's networks (DDP-unwrapped), EMA model, optimizers,
@@ -38,7 +37,6 @@ from common.io import torch_load, torch_save
 __all__ = [
     "FullStateCheckpointer",
     "WeightsExporter",
-    "attach_checkpointing",
     "get_rng_state",
     "set_rng_state",
     "load_weights",
@@ -276,18 +274,3 @@ class WeightsExporter:
         if idist.get_rank() != 0:
             return None
         return torch_save(_state_of(objects[self.key]), self.path)
-
-
-def attach_checkpointing(
-    engine: Engine,
-    save_dir: str | Path,
-    objects: dict[str, Any] | None = None,
-    save_interval_iterations: int = 0,
-    resume: bool | str | Path = True,
-    **kwargs: Any,
-) -> FullStateCheckpointer:
-    """Create a :class:`FullStateCheckpointer` and attach it to ``engine`` (before ``engine.run()``)."""
-    handler = FullStateCheckpointer(save_dir, save_interval_iterations=save_interval_iterations, resume=resume,
-                                    objects=objects, **kwargs)
-    handler.attach(engine)
-    return handler

@@ -67,11 +67,15 @@ class MedicalNetPerceptualLoss(nn.Module):
             _strict_load(net, state, weights_path)
         except RuntimeError as exc:
             raise DataError(weights_path, f"not a MedicalNet resnet{depth} state dict ({exc})") from exc
-        sim = MedicalNetPerceptualSimilarity.__new__(MedicalNetPerceptualSimilarity)
-        nn.Module.__init__(sim)
-        sim.model = _ResNetFeatures(net)
-        sim.channel_wise = False
-        self.similarity = sim
+        class LocalMedicalNetSimilarity(MedicalNetPerceptualSimilarity):
+            """MONAI's similarity (its forward: per-channel features, normalised, compared) on a network built
+            here: MONAI's ``__init__`` only fetches the network through torch.hub, which is offline."""
+
+            def __init__(self, model: nn.Module, channel_wise: bool = False):
+                nn.Module.__init__(self)
+                self.model, self.channel_wise = model, channel_wise
+
+        self.similarity = LocalMedicalNetSimilarity(_ResNetFeatures(net))
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
