@@ -16,6 +16,13 @@ COMMANDS = {
     "evaluate": "Evaluate synthetic against real images (FID/KID, MS-SSIM, SSIM/PSNR/MAE, ...).",
     "demo": "The main job on embedded data: phantoms -> preprocessing -> datalist -> QC -> LDM-3D generation.",
     "benchmark": "Time and measure memory of the pipeline's steps side by side (phantoms, preprocessing, LDM-3D training and sampling).",
+    "package": "Write a bundle's reproducible model-zoo release zip (NAME/ at its top, large files hash-checked); print its sha1.",
+    "augment-masks": "N plausible new tumor masks per real mask (flips, affine, elastic, translation, resizing), each validity-checked.",
+    "synthesize": "Generate a synthetic BraTS-layout dataset from a mask folder: resumable, sharded, with a manifest and quality scores.",
+    "export-nnunet": "Export real/synthetic datasets as nnU-Net v2 raw datasets (imagesTr, labelsTr, dataset.json) for the paper's training sets.",
+    "score-segmentation": "Score predicted segmentations against references: kappa, accuracy, F1 per label, Dice, volume r, HD95, ASSD.",
+    "impute": "Impute a missing contrast (e.g. t2w -> t2f) with a pix2pix generator, on the source's grid, with a synthetic sidecar.",
+    "tune": "Bayesian hyper-parameter search (Optuna TPE, resumable SQLite study, pruning) -> best-parameter config overlay and plots.",
 }
 
 

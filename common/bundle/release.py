@@ -26,8 +26,7 @@ SCHEMA_NAME = "meta_schema_20240725.json"
 
 # What a model-zoo bundle holds (ANCHORS: bundle layout); everything else in the folder (runs/, outputs/,
 # data/, eval/, logs/, caches) is a local by-product and stays out of a release.
-RELEASE_ENTRIES = ("LICENSE", "configs", "docs", "models", "scripts",
-                   "large_files.yml", "large_files.yaml", "large_files.json")
+RELEASE_ENTRIES = ("LICENSE", "configs", "docs", "models", "scripts", "large_files.yml")
 SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints", ".pytest_cache"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".tmp", ".swp")
 LARGE_FILES = "large_files.yml"
@@ -47,15 +46,21 @@ def metadata_schema() -> Path:
     return path
 
 
-def bundle_root(bundle: str | os.PathLike) -> Path:
-    """A bundle folder, or the name of one under the repository's ``bundles/``."""
-    from common.bundle.run import BUNDLES
+def check_metadata(meta_file: str | os.PathLike) -> None:
+    """The metadata against the vendored schema, offline: a release never ships metadata the zoo refuses.
 
-    root = Path(bundle) if Path(bundle).is_dir() else BUNDLES / str(bundle)
-    if not (root / "configs" / "metadata.json").is_file():
-        known = sorted(p.name for p in BUNDLES.glob("*/configs/metadata.json")) if BUNDLES.is_dir() else []
-        raise DataError(root, f"not a bundle (no configs/metadata.json); give a bundle folder or one of {known}")
-    return root.resolve()
+    The same ``jsonschema.validate`` call as ``monai.bundle verify_metadata`` (which tests/test_zoo.py runs),
+    without importing monai.bundle, which costs a packaging command several seconds."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(instance=json.loads(Path(meta_file).read_text()),
+                            schema=json.loads(metadata_schema().read_text()))
+    except json.JSONDecodeError as e:
+        raise DataError(meta_file, f"not valid JSON ({e})") from e
+    except jsonschema.ValidationError as e:
+        where = "/".join(map(str, e.absolute_path)) or "top level"
+        raise DataError(meta_file, f"fails the model-zoo metadata schema at {where}: {e.message[:300]}") from e
 
 
 def file_hash(path: str | os.PathLike, hash_type: str = "sha256") -> str:
@@ -201,9 +206,13 @@ def write_release(bundle: str | os.PathLike, out_dir: str | os.PathLike = "dist"
     files into the bundle's ``large_files.yml`` (after retraining) instead of refusing a mismatch."""
     import yaml
 
+    from common.bundle.run import bundle_root
+
     root = bundle_root(bundle)
     name = root.name
     meta_path = root / "configs" / "metadata.json"
+    if not meta_path.is_file():
+        raise DataError(meta_path, "missing: a bundle needs configs/metadata.json (version, changelog, ...)")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
@@ -211,6 +220,7 @@ def write_release(bundle: str | os.PathLike, out_dir: str | os.PathLike = "dist"
     version = meta.get("version")
     if not version or version not in meta.get("changelog", {}):
         raise DataError(meta_path, f"'version' ({version!r}) must be set and have an entry in 'changelog'")
+    check_metadata(meta_path)
     large = check_large_files(root, read_large_files(root), update_hashes=update_hashes)
     keep, left = release_files(root, [e["path"] for e in large], include_large=base_url is None)
     members: dict[str, Path | bytes] = {rel: root / rel for rel in keep}
