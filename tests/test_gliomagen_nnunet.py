@@ -112,15 +112,17 @@ def test_paper_configurations_counts(sources):
 def test_cli_exports_every_configuration(sources, tmp_path):
     cmd = [sys.executable, "-m", "tools", "export-nnunet", "--out", str(tmp_path), "--real", str(sources / "real"),
            "--synthetic", str(sources / "synthetic"), "--augmented", str(sources / "augmented"), "--hq_fraction", "0.25",
-           "--dataset_id", "601"]
+           "--dataset_id", "601", "--test", str(sources / "real")]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr
-    folders = sorted(p.name for p in tmp_path.iterdir())
+    folders = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("Dataset"))
     assert folders == ["Dataset601_GliomaGenReal", "Dataset602_GliomaGenRealSynthetic", "Dataset603_GliomaGenRealAugmented",
                        "Dataset604_GliomaGenRealHQ", "Dataset605_GliomaGenHalfRealHQ", "Dataset606_GliomaGenHQ"]
     n = {f: json.loads((tmp_path / f / "dataset.json").read_text())["numTraining"] for f in folders}
     assert list(n.values()) == [4, 8, 8, 6, 4, 2]  # HQ: the best quarter of 8 synthetic cases
+    test = tmp_path / "GliomaGenTest"
+    assert len(list((test / "imagesTs").glob("*_000[0-3].nii.gz"))) == 16 and len(list((test / "labelsTs").iterdir())) == 4
 
 
 def test_nnunet_integrity_check_passes_on_exports_and_fails_on_bad_labels(sources, tmp_path):

@@ -26,6 +26,7 @@ def export_nnunet(
     real: str,
     synthetic: str | None = None,
     augmented: str | None = None,
+    test: str | None = None,
     configs: str = "all",
     dataset_id: int = 501,
     hq_fraction: float = 0.5,
@@ -35,8 +36,8 @@ def export_nnunet(
 ) -> str:
     """Export the paper's training sets as nnU-Net v2 raw datasets (``imagesTr``, ``labelsTr``, ``dataset.json``).
 
-    Configurations (one dataset each, ids ``dataset_id``, ``dataset_id + 1``, ...): real, real+synthetic,
-    real+augmented, real+hq, half_real+hq, hq (those whose inputs are given). ``hq`` is the best ``hq_fraction``
+    Configurations (one dataset each, always the same id: ``dataset_id`` + 0..5 in this order): real,
+    real+synthetic, real+augmented, real+hq, half_real+hq, hq (those whose inputs are given). ``hq`` is the best ``hq_fraction``
     of the synthetic cases by their quality score (the synthesis manifests). Test sets stay real: segment the
     held-out real cases with each trained model and compare with ``python -m tools score-segmentation``.
 
@@ -45,6 +46,8 @@ def export_nnunet(
         real: real dataset folder (BraTS 2024 layout, or any layout ``datalist`` reads).
         synthetic: synthetic dataset made from the real masks (``python -m tools synthesize`` output).
         augmented: synthetic dataset made from augmented masks.
+        test: held-out real cases: written once to ``<out>/GliomaGenTest/imagesTs`` (for ``nnUNetv2_predict``)
+            and ``labelsTs`` (the references for ``score-segmentation``).
         configs: ``all`` or a comma-separated list of the configurations above.
         dataset_id: nnU-Net id of the first dataset.
         hq_fraction: share of the synthetic cases kept as the high-quality subset.
@@ -57,7 +60,9 @@ def export_nnunet(
     import sys
 
     from common.data.layouts import layout_label_scheme, read_layout
-    from common.gliomagen.nnunet import CONFIGURATIONS, config_name, export_dataset, paper_configurations, verify_integrity
+    from common.gliomagen.nnunet import (
+        CONFIGURATIONS, config_name, export_dataset, export_test_set, paper_configurations, verify_integrity,
+    )
     from common.io import DataError
 
     try:
@@ -78,14 +83,18 @@ def export_nnunet(
         hq = _hq_ids(syn_folders, hq_fraction) if needs_hq and syn_folders else []
         groups = paper_configurations(items(real), items(synthetic), items(augmented), hq, seed)
         written = []
-        for k, config in enumerate(c for c in wanted if c in groups):
-            folder = export_dataset(out, int(dataset_id) + k, config_name(config), groups[config], mode=mode,
+        for config in (c for c in wanted if c in groups):
+            folder = export_dataset(out, int(dataset_id) + CONFIGURATIONS.index(config), config_name(config), groups[config], mode=mode,
                                     description=f"GliomaGen training set '{config}'")
             counts = ", ".join(f"{len(v)} {p}" for p, v in groups[config])
             print(f"{folder.name}: {counts}", file=sys.stderr)
             if verify:
                 verify_integrity(folder)
             written.append(folder)
+        if test:
+            test_items = items(test)
+            folder = export_test_set(out, test_items, mode=mode)
+            print(f"{folder.name}: {len(test_items)} real test cases (imagesTs, labelsTs)", file=sys.stderr)
         skipped = [c for c in wanted if c not in groups]
         if skipped:
             print(f"skipped (inputs not given): {', '.join(skipped)}", file=sys.stderr)

@@ -99,14 +99,7 @@ def export_dataset(
     for case, _, item in cases:
         for k, contrast in enumerate(CONTRASTS):
             _copy(Path(item[contrast]), folder / "imagesTr" / f"{case}_{k:04d}.nii.gz", mode)
-        scheme = item.get("label_scheme", label_scheme)
-        dst = folder / "labelsTr" / f"{case}.nii.gz"
-        if get_scheme(scheme).name == LABEL_SCHEME:
-            _copy(Path(item["label"]), dst, mode)
-        else:
-            seg, affine, header = load_nifti(item["label"], dtype=None)
-            save_nifti(convert_labels(seg, scheme, LABEL_SCHEME, where=item["label"]), affine, dst, header=header,
-                       dtype=np.uint8)
+        _write_label(item, folder / "labelsTr" / f"{case}.nii.gz", item.get("label_scheme", label_scheme), mode)
     save_json({
         "name": name,
         "description": description or f"GliomaGen downstream segmentation: {name}",
@@ -120,6 +113,31 @@ def export_dataset(
     save_json({"cases": [{"case": c, "source": p, "id": it["id"], "label": str(it["label"])} for c, p, it in cases],
                "counts": {p: sum(1 for _, q, _ in cases if q == p) for p, _ in groups}}, folder / "cases.json")
     return folder
+
+
+def export_test_set(out_root: str | os.PathLike, items: Sequence[Mapping], name: str = "GliomaGenTest",
+                    label_scheme: str = LABEL_SCHEME, mode: str = "copy") -> Path:
+    """Held-out real cases for ``nnUNetv2_predict``: ``<out>/<name>/imagesTs/<id>_0000..3`` and ``labelsTs/<id>``
+    (the references for ``python -m tools score-segmentation``)."""
+    folder = Path(out_root) / name
+    if folder.exists() and any(folder.iterdir()):
+        raise DataError(folder, "already exists and is not empty; remove it or choose another name")
+    if not items:
+        raise DataError(name, "no test cases to export")
+    for item in items:
+        for k, contrast in enumerate(CONTRASTS):
+            _copy(Path(item[contrast]), folder / "imagesTs" / f"{item['id']}_{k:04d}.nii.gz", mode)
+        _write_label(item, folder / "labelsTs" / f"{item['id']}.nii.gz", item.get("label_scheme", label_scheme), mode)
+    return folder
+
+
+def _write_label(item: Mapping, dst: Path, scheme: str, mode: str) -> None:
+    if get_scheme(scheme).name == LABEL_SCHEME:
+        _copy(Path(item["label"]), dst, mode)
+    else:
+        seg, affine, header = load_nifti(item["label"], dtype=None)
+        save_nifti(convert_labels(seg, scheme, LABEL_SCHEME, where=item["label"]), affine, dst, header=header,
+                   dtype=np.uint8)
 
 
 def paper_configurations(
