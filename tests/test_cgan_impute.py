@@ -97,6 +97,12 @@ def test_batches_and_padding_do_not_change_the_result(phantom_root, weights, one
     many = impute_volume(generator, data["source"], batch=16, spatial_size=(64, 64))
     assert one.shape == tuple(data["source"].shape[1:])
     np.testing.assert_allclose(one, many, atol=1e-5)
+    cut = data["source"].clone()
+    cut[..., :5] = 0  # slices without brain (raw phantoms have a noisy background everywhere)
+    skipped = impute_volume(generator, cut, batch=16, spatial_size=(64, 64))
+    every = impute_volume(generator, cut, batch=16, spatial_size=(64, 64), skip_empty=False)
+    np.testing.assert_allclose(every, skipped, atol=1e-5)  # skipping empty slices changes nothing
+    assert not skipped[..., :5].any() and skipped[..., 5:].any()
     # a bare state dict loads too (architecture read off the weights)
     bare = Path(weights).with_name("bare.pt")
     torch.save(generator.state_dict(), bare)

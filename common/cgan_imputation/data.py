@@ -9,7 +9,8 @@ axial slices of one volume, drawn among slices holding brain) -> ``ResizeWithPad
 Intensity normalisation (training, imputation and evaluation alike): per volume and contrast, the 0.5 and 99.5
 percentiles of the brain (non-zero voxels) map to 0 and 1, values are clipped to [0, 1], the background stays 0 --
 the BraSyn evaluation scaling (``common.metrics.percentile_normalise``), so the network learns on the scale it is
-scored on. A MONAI ``DataLoader`` (``list_data_collate``) flattens the per-volume slice lists, so one batch holds
+scored on. Inputs are skull-stripped volumes (BraTS releases, ``python -m tools preprocess``): the brain is where
+any source is non-zero; on raw scans with a noisy background every slice counts as brain. A MONAI ``DataLoader`` (``list_data_collate``) flattens the per-volume slice lists, so one batch holds
 ``batch_size * batch_samples`` slices: ``batch_size`` volumes, ``batch_samples`` slices of each (the paper's two
 tuned quantities).
 """

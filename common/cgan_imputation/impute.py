@@ -87,11 +87,12 @@ def _pad_amounts(size: int, wanted: int, multiple: int) -> tuple[int, int]:
 @torch.no_grad()
 def impute_volume(generator: torch.nn.Module, source, brain=None, batch: int = 16, axis: int = AXIAL,
                   spatial_size: Sequence[int] = SPATIAL_SIZE, device: str | torch.device | None = None,
-                  amp_dtype: torch.dtype | None = None) -> np.ndarray:
+                  amp_dtype: torch.dtype | None = None, skip_empty: bool = True) -> np.ndarray:
     """Normalised sources ``(S, X, Y, Z)`` -> imputed target ``(X, Y, Z)`` in [0, 1] (float32).
 
     ``batch`` slices per forward pass; ``brain`` (X, Y, Z) zeroes the background (default: any source != 0);
-    ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the generator under autocast.
+    ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the generator under autocast; ``skip_empty`` leaves slices
+    without brain out of the forward passes (they are zero in the output either way).
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -102,23 +103,28 @@ def impute_volume(generator: torch.nn.Module, source, brain=None, batch: int = 1
     in_channels = getattr(generator, "config", {}).get("in_channels", src.shape[0])
     if src.shape[0] != in_channels:
         raise ValueError(f"generator takes {in_channels} source contrast(s), got {src.shape[0]}")
+    mask = (src != 0).any(0) if brain is None else torch.as_tensor(np.asarray(brain)).bool()
+    if mask.shape != src.shape[1:]:
+        raise ValueError(f"brain mask shape {tuple(mask.shape)} differs from the source's {tuple(src.shape[1:])}")
     slices = src.movedim(axis + 1, 0)  # (N, S, H, W)
     h, w = slices.shape[2:]
+    # slices without brain come out as zeros anyway (the output is masked): skip them
+    keep = mask.movedim(axis, 0).flatten(1).any(1).nonzero()[:, 0] if skip_empty else torch.arange(slices.shape[0])
     multiple = getattr(generator, "multiple", 4)
     (t, b), (l, r) = _pad_amounts(h, spatial_size[0], multiple), _pad_amounts(w, spatial_size[1], multiple)
-    out = torch.empty((slices.shape[0], h, w), dtype=torch.float32)
+    out = torch.zeros((slices.shape[0], h, w), dtype=torch.float32)
     was_training = generator.training
     generator.eval()
     try:
-        for i in range(0, slices.shape[0], batch):
-            x = F.pad(slices[i:i + batch], (l, r, t, b)).to(device)
+        for i in range(0, len(keep), batch):
+            idx = keep[i:i + batch]
+            x = F.pad(slices[idx], (l, r, t, b)).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 y = generator(x)
-            out[i:i + batch] = y[:, 0, t:t + h, l:l + w].float().cpu()
+            out[idx] = y[:, 0, t:t + h, l:l + w].float().cpu()
     finally:
         generator.train(was_training)
     volume = out.movedim(0, axis).clamp_(0, 1)
-    mask = (src != 0).any(0) if brain is None else torch.as_tensor(np.asarray(brain)).bool().reshape(volume.shape)
     return (volume * mask).numpy().astype(np.float32)
 
 
