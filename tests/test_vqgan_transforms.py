@@ -84,3 +84,18 @@ def test_workflow_picture(items, tmp_path):
     picture = mpimg.imread(out)
     assert picture.shape[1] > picture.shape[0]  # four panels side by side, three planes
     assert picture[..., :3].std() > 0.05
+
+
+def test_importance_picture(items, tmp_path, one_torch_thread):
+    from common.vqgan_transformer.networks import ImportanceVQGAN, build_vqgan
+    from common.vqgan_transformer.transforms import save_importance_maps
+
+    chain = roi_transforms(roi_size=(16, 16, 16))
+    rois = torch.stack([torch.as_tensor(chain(item)["image"]) for item in items[:2]])
+    torch.manual_seed(0)
+    vqgan = ImportanceVQGAN(build_vqgan(channels=(8, 8), num_res_layers=1, num_embeddings=16, embedding_dim=8),
+                            head_channels=8).eval()
+    out = save_importance_maps(vqgan, rois, [items[0]["grade"], items[1]["grade"]], tmp_path / "importance.png")
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(out).shape[1] > 600  # four panels

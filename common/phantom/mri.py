@@ -42,9 +42,11 @@ TISSUES: dict[str, Tissue] = {
     "skin": Tissue(0.65, 1100.0, 45.0, 0.10),
     "vitreous": Tissue(1.00, 4000.0, 1500.0, 0.0),
     "edema": Tissue(0.86, 1650.0, 160.0, 0.01),  # vasogenic oedema / infiltrated white matter (SNFH)
-    "necrosis": Tissue(0.92, 2300.0, 260.0, 0.0),
+    # fluid-like necrosis: long T1 and T2, partly nulled by FLAIR's inversion -> the dark centre of an HGG on FLAIR
+    "necrosis": Tissue(0.92, 3000.0, 350.0, 0.0),
     "et": Tissue(0.85, 1600.0, 120.0, 0.25),  # viable tumour with a leaky blood-brain barrier
-    "netc": Tissue(0.86, 1750.0, 140.0, 0.01),  # solid non-enhancing tumour
+    # solid non-enhancing tumour (most of an LGG): long T2, homogeneously bright on FLAIR and T2
+    "netc": Tissue(0.86, 1900.0, 240.0, 0.01),
     "cavity": Tissue(0.98, 3600.0, 1200.0, 0.0),  # post-surgical fluid, sometimes proteinaceous
 }
 TISSUE_NAMES = ("air",) + tuple(TISSUES)

@@ -19,7 +19,7 @@ from common.data.transforms import LoadCanonicald, TumorROId
 from common.io import DataError
 from common.vqgan_transformer.networks import CLASSES
 
-__all__ = ["GradeLabeld", "roi_transforms", "save_roi_workflow"]
+__all__ = ["GradeLabeld", "roi_transforms", "save_roi_workflow", "save_importance_maps"]
 
 
 class GradeLabeld(MapTransform):
@@ -97,3 +97,23 @@ def save_roi_workflow(item: Mapping, path: str | os.PathLike, roi_size: Sequence
               "binarised segmentation": mask.astype(np.float32), "ROI = crop x mask, [-1, 1]": roi_frame}
     return save_montage(panels, path, mask=mask, title=f"{case} ({grade}): ROI workflow",
                         center=[int(c) for c in np.clip(center, 0, np.asarray(volume.shape) - 1)], affine=affine)
+
+
+def save_importance_maps(vqgan, rois, classes: Sequence[str], path: str | os.PathLike) -> Path:
+    """The poster's importance-score pictures: each ROI beside its token score map (trilinear to the ROI grid,
+    scaled to [0, 1] per ROI), middle slices through the ROI centre. ``rois``: tensor ``[B, 1, *spatial]``."""
+    import torch.nn.functional as F
+
+    from common.viz import save_montage
+
+    x = torch.as_tensor(rois).float()
+    device = next(vqgan.parameters()).device
+    _, importance = vqgan.tokens(x.to(device))
+    score = F.interpolate(importance[:, None].float().cpu(), size=tuple(x.shape[2:]), mode="trilinear",
+                          align_corners=False)[:, 0]
+    panels = {}
+    for i, cls in enumerate(classes):
+        s = score[i] - score[i].min()
+        panels[f"{cls} ROI #{i}"] = x[i, 0].numpy()
+        panels[f"{cls} importance #{i}"] = (s / s.max().clamp_min(1e-12)).numpy()
+    return save_montage(panels, path, title="importance score maps (stage-1 head)")
