@@ -64,7 +64,8 @@ def test_cli_comparing_a_set_with_itself(sets, tmp_path):
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "tools", "evaluate", "--real", str(sets / "real"), "--synthetic", str(sets / "copy"),
            "--out", str(out), "--extractor", str(sets / "features.ts"), "--extractor_mode", "2d",
-           "--n_bootstrap", "20", "--n_montages", "1", "--progress", "False"]
+           "--n_bootstrap", "20", "--n_subsamples", "20", "--n_montages", "1", "--progress", "False",
+           "--feature_cache", str(tmp_path / "cache")]
     env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1")
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -74,7 +75,7 @@ def test_cli_comparing_a_set_with_itself(sets, tmp_path):
     t2f = metrics["contrasts"]["t2f"]
     assert t2f["fid"]["value"] == pytest.approx(0, abs=1e-6)
     assert (t2f["fid"]["n_real"], t2f["fid"]["n_synthetic"]) == (5, 5)
-    assert t2f["fid"]["ci"]["n_bootstrap"] == 20
+    assert t2f["fid"]["ci"]["n_subsamples"] == 20 and t2f["fid"]["ci"]["low"] <= 0 <= t2f["fid"]["ci"]["high"]
     assert t2f["paired"]["n_pairs"] == 5
     for key in ("ssim_brain", "ssim_lesion"):
         assert t2f["paired"]["mean"][key] == pytest.approx(1, abs=1e-5)
@@ -104,7 +105,8 @@ def test_api_noised_copies_score_worse_with_diversity_memorisation_and_condition
     synth = load_items(tmp_path / "synthetic.json")
     assert Path(synth[0]["t1n"]).is_absolute()
     config = EvalConfig(extractor=str(sets / "features.ts"), extractor_mode="2.5d", contrasts=("t2f", "t1c"),
-                        n_bootstrap=10, kid_subsets=10, n_montages=1, progress=False, curves=False)
+                        n_bootstrap=10, n_subsamples=20, kid_subsets=10, n_montages=1, progress=False, curves=False,
+                        feature_cache=str(tmp_path / "cache"))
     metrics = evaluate_sets(real, synth, tmp_path / "out", config, train_items=real,
                             segmenter=ThresholdSegmenter(), segmenter_contrasts=("t2f",))
     t2f = metrics["contrasts"]["t2f"]
@@ -148,7 +150,7 @@ def test_phantoms_in_brats_layout_against_a_partial_synthetic_copy(phantom_root,
     assert list(metrics["contrasts"]) == ["t2f"]
     t2f = metrics["contrasts"]["t2f"]
     assert t2f["paired"]["n_pairs"] == 3 and t2f["paired"]["mean"]["ssim_lesion"] == pytest.approx(1, abs=1e-5)
-    assert t2f["mmd"]["n_per_set"] == 3 and "fid" not in t2f
+    assert (t2f["mmd"]["n_real"], t2f["mmd"]["n_synthetic"]) == (6, 3) and "fid" not in t2f
     assert sum("absent from the synthetic set" in n for n in metrics["notes"]) == 3
 
 

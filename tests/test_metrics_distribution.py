@@ -76,26 +76,70 @@ def test_kid_same_distribution_near_zero_shifted_clearly_positive_and_subset_siz
     assert D.kernel_inception_distance(x[:30], y, subset_size=1000)["subset_size"] == 30
 
 
-def test_fid_report_counts_and_bootstrap_interval():
+def test_fid_report_counts_and_half_sampling_interval():
     gen = torch.Generator().manual_seed(5)
     real = [torch.randn(4, 10, generator=gen, dtype=torch.float64) for _ in range(8)]
     synth = [torch.randn(4, 10, generator=gen, dtype=torch.float64) + 0.7 for _ in range(6)]
-    rep = D.fid_report(real, synth, n_bootstrap=50)
+    rep = D.fid_report(real, synth, n_subsamples=50)
     assert (rep["n_real"], rep["n_synthetic"], rep["n_real_features"], rep["n_synthetic_features"]) == (8, 6, 32, 24)
-    assert rep["ci"]["n_bootstrap"] == 50
-    assert rep["ci"]["low"] <= rep["value"] * 1.5 and rep["ci"]["low"] < rep["ci"]["high"]
-    kid = D.kid_report(real, synth, subset_size=16, n_subsets=10, n_bootstrap=20)
-    assert kid["n_real"] == 8 and kid["subset_size"] == 16 and kid["ci"]["low"] <= kid["ci"]["high"]
+    ci = rep["ci"]
+    assert ci["n_subsamples"] == 50 and ci["subsample_size"] == [4, 3] and "without replacement" in ci["method"]
+    assert ci["low"] < rep["value"] < ci["high"]  # centred on its point estimate, unlike the bootstrap's
+    kid = D.kid_report(real, synth, subset_size=16, n_subsets=10, n_subsamples=20)
+    assert kid["n_real"] == 8 and kid["subset_size"] == 16 and kid["ci"]["low"] < kid["mean"] < kid["ci"]["high"]
+    tiny = D.fid_report(real[:3], synth[:3], n_subsamples=5)
+    assert tiny["ci"]["low"] is None and "at least 4" in tiny["ci"]["note"]
 
 
-def test_image_mmd_grows_with_the_difference_between_sets():
+@pytest.mark.slow  # 100 simulated studies of 24 vs 24 volumes, 30 half-samples each: 10-30 s on a shared CPU
+def test_half_sampling_intervals_cover_the_true_value_at_their_nominal_rate(one_torch_thread):
+    """FID's target is its expectation at this sample size (it has a small-sample bias); KID's is the population
+    MMD^2 (KID is unbiased). A 95 % interval should contain them in about 95 % of repeated studies."""
+    gen = torch.Generator().manual_seed(0)
+
+    def study(n=24):
+        real = [torch.randn(2, 3, generator=gen, dtype=torch.float64) for _ in range(n)]
+        synth = [torch.randn(2, 3, generator=gen, dtype=torch.float64) * 1.2 + 0.3 for _ in range(n)]
+        return real, synth
+
+    fid_target = float(np.mean([D.frechet_distance(*study()) for _ in range(400)]))
+    kid_target = D.mmd2_unbiased(torch.randn(6000, 3, generator=gen, dtype=torch.float64),
+                                 torch.randn(6000, 3, generator=gen, dtype=torch.float64) * 1.2 + 0.3)
+
+    def kid(r, s):
+        return D.mmd2_unbiased(torch.cat(r), torch.cat(s))
+
+    hits_fid = hits_kid = 0
+    trials = 100
+    for k in range(trials):
+        real, synth = study()
+        ci = D.subsample_interval(D.frechet_distance, real, synth, None, 30, seed=k)
+        hits_fid += ci["low"] <= fid_target <= ci["high"]
+        ci = D.subsample_interval(kid, real, synth, None, 30, seed=k)
+        hits_kid += ci["low"] <= kid_target <= ci["high"]
+    assert 0.87 <= hits_fid / trials <= 0.995
+    assert 0.85 <= hits_kid / trials <= 0.995
+
+
+def test_image_mmd_equals_monai_and_grows_with_the_difference_between_sets():
+    from monai.metrics import MMDMetric
+
     rng = np.random.default_rng(6)
     real = [rng.random((6, 6, 6)) for _ in range(6)]
     same = [rng.random((6, 6, 6)) for _ in range(6)]
     brighter = [v + 0.5 for v in same]
     near, far = D.image_mmd(real, same), D.image_mmd(real, brighter)
+    expected = MMDMetric()(torch.as_tensor(np.stack(real))[:, None], torch.as_tensor(np.stack(brighter))[:, None])
+    assert far["value"] == pytest.approx(float(expected), rel=1e-9)
     assert far["value"] > 10 * abs(near["value"])
-    assert D.image_mmd(real, same[:3])["n_per_set"] == 3
+    assert far["grid"] == [6, 6, 6] and far["value_per_voxel"] == pytest.approx(far["value"] / 216)
+    assert "linear kernel" in far["definition"] and far["normalisation"] == "as given"
+    unequal = D.image_mmd(real, same[:3])
+    assert (unequal["n_real"], unequal["n_synthetic"]) == (6, 3)
+    halves = D.MMDSums().add(real[0]).add(real[1]).merge(D.MMDSums().add(real[2]))
+    whole = D.MMDSums().add(real[0]).add(real[1]).add(real[2])
+    other = D.MMDSums().add(same[0]).add(same[1])
+    assert D.mmd_from_sums(halves, other) == pytest.approx(D.mmd_from_sums(whole, other), rel=1e-12)
 
 
 def test_metric_vs_count_covers_every_count():

@@ -16,9 +16,17 @@ def evaluate(
     contrasts: str | tuple | list | None = None,
     label_scheme: str = "brats2023",
     n_bootstrap: int = 200,
+    n_subsamples: int = 100,
     kid_subset_size: int = 1000,
+    ssim: str = "standard",
+    ms_ssim: str = "auto",
+    diversity_pairs: int | None = 200,
     n_montages: int = 3,
     device: str | None = None,
+    workers: int = 1,
+    shard: str | None = None,
+    merge: bool = False,
+    feature_cache: str | None = "default",
     seed: int = 0,
     progress: bool = True,
 ):
@@ -45,11 +53,20 @@ def evaluate(
             output: logits) for conditioning fidelity (Dice/HD95/ASSD against the conditioning mask).
         contrasts: contrasts to evaluate, e.g. t2f or "t1n,t2f" (default: all four).
         label_scheme: label scheme of the masks (brats2019, brats2023, brats2024, msd, six_label).
-        n_bootstrap: bootstrap resamples for the confidence intervals.
+        n_bootstrap: bootstrap resamples for the intervals of the paired means (SSIM/PSNR/MAE).
+        n_subsamples: half-samples (without replacement) for the FID/KID intervals.
         kid_subset_size: KID subset size (capped by the smaller set; the value used is reported).
+        ssim: SSIM window: standard (11-voxel Gaussian, sigma 1.5; the literature's) or w7 (former 7-voxel one).
+        ms_ssim: MS-SSIM setting: auto (the largest that fits the volume), standard (5 scales, needs >= 176 a
+            side), 3-scale, 3-scale-w7 or 2-scale-w5. The report prints the setting beside each value.
+        diversity_pairs: within-condition pairs drawn (seeded) for the diversity MS-SSIM; 0 or None: all pairs.
         n_montages: number of real-vs-synthetic slice montages.
         device: cuda or cpu (default: cuda when present).
-        seed: seed of subsets and bootstrap.
+        workers: parallel processes scoring cases (each builds its own extractor).
+        shard: "i/n": score only every n-th case/pair into OUT/shards/; run all n, then --merge.
+        merge: combine OUT/shards/ into the full report (same --real/--synthetic and settings as the shards).
+        feature_cache: folder caching FID/KID features by file hash ("default": the project cache, "none": off).
+        seed: seed of subsets, half-samples, pairs and bootstrap.
         progress: show progress bars.
     """
     import torch
@@ -57,6 +74,7 @@ def evaluate(
     from common import CONTRASTS
     from common.io import DataError
     from common.metrics import EvalConfig, evaluate_sets, load_items
+    from common.metrics.evaluate import evaluate_shard, merge_shards
 
     if isinstance(contrasts, str):
         contrasts = [c.strip() for c in contrasts.split(",") if c.strip()]
@@ -70,9 +88,13 @@ def evaluate(
     config = EvalConfig(
         extractor=None if str(extractor).lower() == "none" else extractor, weights=weights,
         extractor_mode=extractor_mode, extractor_options=options, device=device, contrasts=contrasts,
-        label_scheme=label_scheme, n_bootstrap=n_bootstrap, kid_subset_size=kid_subset_size,
-        n_montages=n_montages, seed=seed, progress=progress,
+        label_scheme=label_scheme, n_bootstrap=n_bootstrap, n_subsamples=n_subsamples,
+        kid_subset_size=kid_subset_size, ssim=ssim, ms_ssim=ms_ssim, diversity_pairs=diversity_pairs or None,
+        n_montages=n_montages, workers=workers, seed=seed, progress=progress,
+        feature_cache=None if str(feature_cache).lower() == "none" else feature_cache,
     )
+    if shard and merge:
+        raise SystemExit("--shard scores one part, --merge combines the parts: give one of them")
     seg_net = None
     if segmenter:
         try:
@@ -81,10 +103,14 @@ def evaluate(
             raise DataError(segmenter, f"cannot load TorchScript segmentation network ({exc})") from exc
         seg_net.eval()
     try:
-        metrics = evaluate_sets(
-            load_items(real), load_items(synthetic), out, config,
-            train_items=load_items(train) if train else None, segmenter=seg_net,
-        )
+        real_items, synth_items = load_items(real), load_items(synthetic)
+        if shard:
+            path = evaluate_shard(real_items, synth_items, out, shard, config)
+            print(f"wrote {path}; when every shard is done: python -m tools evaluate ... --merge")
+            return
+        run = merge_shards if merge else evaluate_sets
+        metrics = run(real_items, synth_items, out, config,
+                      train_items=load_items(train) if train else None, segmenter=seg_net)
     except (FileNotFoundError, ValueError) as exc:  # DataError is a ValueError: name the file and the problem
         raise SystemExit(f"evaluate failed: {exc}") from exc
     for note in metrics["notes"]:

@@ -5,7 +5,7 @@ Array functions (usable in validation loops without files) and ``evaluate_sets``
 
 from common.metrics.classification import classification_scores
 from common.metrics.distribution import (
-    bootstrap_interval,
+    MMDSums,
     fid_report,
     frechet_distance,
     image_mmd,
@@ -13,6 +13,8 @@ from common.metrics.distribution import (
     kid_report,
     metric_vs_count,
     mmd2_unbiased,
+    mmd_from_sums,
+    subsample_interval,
 )
 from common.metrics.evaluate import EvalConfig, evaluate_segmentations, evaluate_sets, load_items, load_volume
 from common.metrics.features import (
@@ -46,7 +48,7 @@ from common.metrics.similarity import (
 __all__ = [
     "EvalConfig", "evaluate_sets", "evaluate_segmentations", "load_items", "load_volume",
     "SliceFeatureExtractor", "VolumeFeatureExtractor", "build_extractor", "extract_features", "find_weights",
-    "frechet_distance", "kernel_inception_distance", "mmd2_unbiased", "image_mmd", "bootstrap_interval",
+    "frechet_distance", "kernel_inception_distance", "mmd2_unbiased", "image_mmd", "MMDSums", "mmd_from_sums", "subsample_interval",
     "fid_report", "kid_report", "metric_vs_count",
     "ssim", "psnr", "mae", "ms_ssim", "ms_ssim_settings", "ms_ssim_fidelity", "ms_ssim_diversity",
     "paired_scores", "percentile_normalise",

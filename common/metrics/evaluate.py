@@ -3,16 +3,23 @@
 Items are canonical datalist items (``{"id", "t1n", "t1c", "t2w", "t2f", "label", ...}``, absolute paths).
 A synthetic item is paired with the real item whose id equals its ``source_id`` (or ``condition_id``, else
 its own ``id``): the real case whose mask it was generated from. Several synthetic items naming one
-condition give the within-condition diversity (pairwise MS-SSIM).
+condition give the within-condition diversity (pairwise MS-SSIM over a seeded, stated number of pairs).
 
-Per contrast: FID and KID (feature extractor, counts, bootstrap CI), MMD, paired MS-SSIM (fidelity),
-within-condition MS-SSIM (diversity), SSIM/PSNR/MAE over the brain and in the lesion (paired, BraSyn
-normalisation), memorisation (with training items). Across contrasts: conditioning fidelity (with a
-segmentation network). Missing contrasts are skipped with a note.
+Per contrast: FID and KID (feature extractor, counts, half-sampling CI), MMD (grid and normalisation
+stated), paired MS-SSIM (fidelity), within-condition MS-SSIM (diversity), SSIM/PSNR/MAE over the brain and in
+the lesion (paired, BraSyn normalisation), memorisation (with training items). Across contrasts:
+conditioning fidelity (with a segmentation network). Missing contrasts are skipped with a note.
+
+At dataset scale the work is a list of units (one real case, one synthetic case, one diversity pair), each
+read, scored and dropped: only features, running MMD sums, bounded histogram samples and per-case numbers
+are kept, so memory stays flat as the sets grow. Units run in parallel workers (``config.workers``) and in
+shards (``evaluate_shard`` writes one shard's records; ``merge_shards`` combines them): the result does not
+depend on either. FID/KID features are cached by file hash (``common.metrics.cache``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from common import CONTRASTS
-from common.io import DataError, load_nifti, save_json
+from common.io import DataError, load_nifti, save_json, torch_load, torch_save
 from common.metrics import distribution, memorisation, report, similarity
 from common.metrics.features import build_extractor, default_device
 
@@ -45,13 +52,19 @@ class EvalConfig:
     contrasts: Sequence[str] = CONTRASTS
     label_scheme: str = "brats2023"  # of the real labels / conditioning masks (common.data.labels)
     percentiles: tuple[float, float] = (0.5, 99.5)  # BraSyn clipping before paired metrics and histograms
-    n_bootstrap: int = 200
+    ssim: str = "standard"  # similarity.SSIM_OPTIONS: standard (11-voxel window) or w7
+    ms_ssim: str = "auto"  # similarity.MS_SSIM_OPTIONS name, or auto: the largest that fits the volume
+    n_bootstrap: int = 200  # bootstrap of paired means (unbiased for a mean)
+    n_subsamples: int = 100  # half-sampling replicates of the FID / KID intervals
     kid_subset_size: int = 1000
     kid_subsets: int = 100
     mmd_grid: tuple[int, int, int] = (64, 64, 64)  # volumes are resampled to this grid for MMD
+    diversity_pairs: int | None = 200  # within-condition pairs drawn (seeded) for diversity; None: all
     curves: bool = True  # FID/KID vs number of synthetic volumes
     n_montages: int = 3
     memorisation_ratio: float = 0.5
+    workers: int = 1  # parallel processes scoring cases
+    feature_cache: str | None = "default"  # folder of the FID/KID feature cache; default: cache_dir()/features; None: off
     seed: int = 0
     progress: bool = True
 
@@ -141,117 +154,483 @@ def _check_items(items: Sequence[dict], what: str) -> None:
             raise ValueError(f"{what} item {i} has no 'id': {it!r}")
 
 
-def evaluate_contrast(
-    contrast: str, real_items: list[dict], synth_items: list[dict], config: EvalConfig, extractor=None,
-    train_items: list[dict] | None = None, rng: np.random.Generator | None = None,
-) -> tuple[dict, dict]:
-    """Metrics of one contrast, plus what the pictures need (histogram samples, curves)."""
-    rng = rng or np.random.default_rng(config.seed)
-    real_by_id = {it["id"]: it for it in real_items}
-    out: dict[str, Any] = {"n_real": len(real_items), "n_synthetic": len(synth_items)}
-    extras: dict[str, Any] = {"hist_real": [], "hist_synth": []}
-    notes = []
+# ---------------------------------------------------------------------------------------------- work units
+
+
+@dataclass
+class Plan:
+    """Everything every worker and shard must agree on: the items, the contrasts and the list of units."""
+
+    real_items: list
+    synth_items: list
+    contrasts: list  # evaluated contrasts (present in both sets)
+    notes: list
+    pairs: list  # diversity pairs (condition, synthetic index a, synthetic index b)
+    n_pairs_possible: int
+    n_conditions_skipped: int
+    grouped: bool
+
+    def units(self) -> list[tuple[str, int]]:
+        return ([("real", i) for i in range(len(self.real_items))] + [("synth", j) for j in range(len(self.synth_items))]
+                + [("pair", k) for k in range(len(self.pairs))])
+
+    def fingerprint(self, config: EvalConfig) -> str:
+        ident = {"real": self.real_items, "synthetic": self.synth_items, "contrasts": self.contrasts,
+                 "config": {k: v for k, v in config.to_dict().items() if k not in ("workers", "progress", "device")}}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_plan(real_items: Sequence[dict], synth_items: Sequence[dict], config: EvalConfig) -> Plan:
+    real_items, synth_items = list(real_items), list(synth_items)
+    _check_items(real_items, "real")
+    _check_items(synth_items, "synthetic")
+    contrasts, notes = [], []
+    for contrast in config.contrasts:
+        n_synth = sum(1 for it in synth_items if it.get(contrast))
+        if not n_synth:
+            notes.append(f"{contrast}: absent from the synthetic set, skipped")
+        elif not any(it.get(contrast) for it in real_items):
+            notes.append(f"{contrast}: absent from the real set, skipped")
+        else:
+            contrasts.append(contrast)
+            if n_synth < len(synth_items):
+                notes.append(f"{contrast}: only {n_synth} of {len(synth_items)} synthetic cases have it")
+    if not contrasts:
+        raise ValueError(f"no contrast of {list(config.contrasts)} is present in both the real and the synthetic set")
+    grouped = any(it.get("source_id") or it.get("condition_id") for it in synth_items)
+    members: dict[str, list[int]] = defaultdict(list)
+    for j, it in enumerate(synth_items):
+        members[condition_of(it)].append(j)
+    pairs, possible, skipped = [], 0, 0
+    if grouped:
+        sizes = {c: len(v) for c, v in members.items() if len(v) >= 2}
+        skipped = sum(1 for v in members.values() if len(v) < 2)
+        possible = sum(n * (n - 1) // 2 for n in sizes.values())
+        pairs = [(c, members[c][a], members[c][b])
+                 for c, a, b in similarity.diversity_pairs(sizes, config.diversity_pairs, config.seed)]
+    return Plan(real_items, synth_items, contrasts, notes, pairs, possible, skipped, grouped)
+
+
+def _hist_limit(plan: Plan) -> int:
+    """Histogram voxels kept per case: about 200k per set in all, at least 2k per case."""
+    return max(2000, 200_000 // max(1, len(plan.real_items), len(plan.synth_items)))
+
+
+def _features(item: dict, contrast: str, vol: np.ndarray, extractor, cache) -> torch.Tensor:
+    if cache is None:
+        return extractor(vol)
+    channel = item.get(f"{contrast}_channel")
+    feats = cache.get(item[contrast], channel)
+    if feats is None:
+        feats = extractor(vol)
+        cache.put(item[contrast], feats, channel)
+    return feats
+
+
+def _score_unit(unit: tuple[str, int], plan: Plan, config: EvalConfig, extractor, cache) -> dict:
+    """One real case, one synthetic case or one diversity pair -> a small record (no image kept)."""
+    kind, index = unit
+    rng = np.random.default_rng([config.seed, ("real", "synth", "pair").index(kind), index])
+    limit = _hist_limit(plan)
+    record: dict[str, Any] = {"kind": kind, "index": index, "contrasts": {}}
+    if kind == "pair":
+        condition, a, b = plan.pairs[index]
+        record["condition"] = condition
+        for contrast in plan.contrasts:
+            ia, ib = plan.synth_items[a], plan.synth_items[b]
+            if not (ia.get(contrast) and ib.get(contrast)):
+                continue
+            x, y = (similarity.percentile_normalise(load_volume(it, contrast)[0], None, config.percentiles)
+                    for it in (ia, ib))
+            if x.shape != y.shape:
+                continue
+            settings = similarity.ms_ssim_option(config.ms_ssim, x.shape)
+            record["contrasts"][contrast] = {"value": similarity.ms_ssim(x, y, settings=settings), "settings": settings}
+        return record
+    item = (plan.real_items if kind == "real" else plan.synth_items)[index]
+    record["id"] = str(item["id"])
+    real_by_id = {it["id"]: it for it in plan.real_items} if kind == "synth" else {}
+    for contrast in plan.contrasts:
+        if not item.get(contrast):
+            continue
+        vol, _ = load_volume(item, contrast)
+        out: dict[str, Any] = {}
+        if extractor is not None:
+            out["features"] = _features(item, contrast, vol, extractor, cache)
+        brain = None
+        if kind == "synth":
+            real_item = real_by_id.get(condition_of(item))
+            if real_item is not None and real_item.get(contrast):
+                real_vol, _ = load_volume(real_item, contrast)
+                if real_vol.shape == vol.shape:
+                    brain = real_vol != 0
+                    mask_item = item if item.get("label") else real_item
+                    lesion = (lesion_mask(load_volume(mask_item, "label")[0], config.label_scheme)
+                              if mask_item.get("label") else None)
+                    out["paired"] = similarity.paired_scores(vol, real_vol, brain, lesion, config.percentiles,
+                                                             config.ssim)
+                    settings = similarity.ms_ssim_option(config.ms_ssim, vol.shape)
+                    out["fidelity"] = similarity.ms_ssim(
+                        similarity.percentile_normalise(vol, brain, config.percentiles),
+                        similarity.percentile_normalise(real_vol, brain, config.percentiles), settings=settings)
+                    out["fidelity_settings"] = settings
+                else:
+                    out["unpaired"] = f"{item['id']} {vol.shape} vs {real_item['id']} {real_vol.shape}"
+        norm = similarity.percentile_normalise(vol, brain, config.percentiles)
+        out["small"] = _resample(norm, config.mmd_grid)
+        out["hist"] = torch.as_tensor(report.sample_values(norm, brain if brain is not None else vol != 0, limit, rng))
+        record["contrasts"][contrast] = out
+    return record
+
+
+class _Accumulator:
+    """Folds records in as they arrive: MMD volumes go into running sums at once, the rest is small."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self.mmd: dict[str, dict[str, distribution.MMDSums]] = defaultdict(
+            lambda: {"real": distribution.MMDSums(), "synth": distribution.MMDSums()})
+
+    def add(self, record: dict) -> None:
+        for contrast, out in record["contrasts"].items():
+            small = out.pop("small", None)
+            if small is not None:
+                self.mmd[contrast][record["kind"]].add(small)
+        self.records.append(record)
+
+    def state(self) -> dict:
+        return {"records": self.records,
+                "mmd": {c: {k: vars(v) for k, v in d.items()} for c, d in self.mmd.items()}}
+
+    def merge_state(self, state: dict) -> None:
+        self.records += state["records"]
+        for c, d in state["mmd"].items():
+            for k, v in d.items():
+                other = distribution.MMDSums()
+                other.total, other.sq, other.n = v["total"], float(v["sq"]), int(v["n"])
+                self.mmd[c][k].merge(other)
+
+
+# worker processes: built once per process by the pool initialiser
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(plan: Plan, config: EvalConfig, extractor, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(plan=plan, config=config, extractor=_make_extractor(config) if extractor is None else extractor,
+                   cache=_make_cache(config, extractor))
+
+
+def _run_unit(unit):
+    w = _WORKER
+    record = _score_unit(unit, w["plan"], w["config"], w["extractor"], w["cache"])
+    cache = w["cache"]
+    record["cache"] = cache.counts() if cache is not None else None
+    if cache is not None:
+        cache.hits = cache.misses = 0  # counts travel with each record
+    return record
+
+
+def _make_extractor(config: EvalConfig):
+    if not config.extractor:
+        return None
+    kwargs = dict(config.extractor_options)
+    if config.extractor not in ("inception2d", "radimagenet2.5d", "medicalnet3d"):
+        kwargs.setdefault("mode", config.extractor_mode)
+    return build_extractor(config.extractor, weights=config.weights, device=config.device, **kwargs)
+
+
+def _make_cache(config: EvalConfig, extractor=None):
+    """The feature cache of the configured extractor; an extractor object needs a ``cache_key`` attribute."""
+    from common.metrics.cache import FeatureCache, extractor_key
+
+    if config.feature_cache is None:
+        return None
+    if extractor is not None and not config.extractor:
+        key = getattr(extractor, "cache_key", None)
+        if key is None:
+            return None
+    elif config.extractor:
+        key = extractor_key(config.extractor, config.weights,
+                            {"mode": config.extractor_mode, **config.extractor_options})
+    else:
+        return None
+    return FeatureCache(key, None if config.feature_cache == "default" else config.feature_cache)
+
+
+def score_units(plan: Plan, config: EvalConfig, units: Sequence[tuple[str, int]], extractor=None) -> _Accumulator:
+    """Score ``units`` (in ``config.workers`` processes when > 1) with one progress bar and ETA over all."""
     from tqdm.auto import tqdm
 
-    real_feats, real_small = [], []
-    for it in tqdm(real_items, desc=f"real {contrast}", disable=not config.progress, leave=False):
-        vol, _ = load_volume(it, contrast)
-        if extractor is not None:
-            real_feats.append(extractor(vol))
-        norm = similarity.percentile_normalise(vol, None, config.percentiles)
-        real_small.append(_resample(norm, config.mmd_grid))
-        extras["hist_real"].append(report.sample_values(norm, vol != 0, 20000, rng))
+    acc = _Accumulator()
+    cache_counts = {"hits": 0, "misses": 0, "folder": None}
+    bar = tqdm(total=len(units), desc="evaluate (cases + pairs)", disable=not config.progress, unit="unit")
 
-    # one pass over the synthetic set; only small things are kept (features, 64^3 copies, voxel samples)
-    synth_feats, synth_small, paired, fidelity, unpaired_shapes = [], [], [], [], []
-    groups: dict[str, list[Callable[[], np.ndarray]]] = defaultdict(list)
-    grouped = sum(1 for it in synth_items if it.get("source_id") or it.get("condition_id"))
-    ms_settings = None
-    for it in tqdm(synth_items, desc=f"synthetic {contrast}", disable=not config.progress, leave=False):
-        vol, _ = load_volume(it, contrast)
-        if extractor is not None:
-            synth_feats.append(extractor(vol))
-        real_item = real_by_id.get(condition_of(it))
-        brain = None
-        if real_item is not None and real_item.get(contrast):
-            real_vol, _ = load_volume(real_item, contrast)
-            if real_vol.shape == vol.shape:
-                brain = real_vol != 0
-                mask_item = it if it.get("label") else real_item
-                lesion = lesion_mask(load_volume(mask_item, "label")[0], config.label_scheme) if mask_item.get("label") else None
-                paired.append(similarity.paired_scores(vol, real_vol, brain, lesion, config.percentiles))
-                ms_settings = ms_settings or similarity.ms_ssim_settings(vol.shape)
-                fidelity.append(similarity.ms_ssim(
-                    similarity.percentile_normalise(vol, brain, config.percentiles),
-                    similarity.percentile_normalise(real_vol, brain, config.percentiles), settings=ms_settings))
-            else:
-                unpaired_shapes.append(f"{it['id']} {vol.shape} vs {real_item['id']} {real_vol.shape}")
-        norm = similarity.percentile_normalise(vol, brain, config.percentiles)
-        synth_small.append(_resample(norm, config.mmd_grid))
-        extras["hist_synth"].append(report.sample_values(norm, brain if brain is not None else vol != 0, 20000, rng))
-        if grouped:
-            groups[condition_of(it)].append(_normalised_loader(it, contrast, config.percentiles))
-    if unpaired_shapes:
-        notes.append(f"{len(unpaired_shapes)} synthetic images differ in shape from their real pair and are not "
-                     f"paired (e.g. {unpaired_shapes[0]})")
+    def take(record):
+        counts = record.pop("cache", None)
+        if counts:
+            cache_counts["hits"] += counts["hits"]
+            cache_counts["misses"] += counts["misses"]
+            cache_counts["folder"] = counts["folder"]
+        acc.add(record)
+        bar.update(1)
 
-    if extractor is not None:
-        out["extractor"] = getattr(extractor, "name", type(extractor).__name__)
-        if len(real_feats) >= 2 and len(synth_feats) >= 2:
-            device = getattr(extractor, "device", None)
-            out["fid"] = distribution.fid_report(real_feats, synth_feats, config.n_bootstrap, config.seed, device)
-            out["kid"] = distribution.kid_report(real_feats, synth_feats, config.kid_subset_size, config.kid_subsets,
-                                                 config.n_bootstrap // 2, config.seed, device)
-            if config.curves and len(synth_feats) >= 3:
-                extras["curve"] = distribution.metric_vs_count(real_feats, synth_feats, seed=config.seed,
-                                                               kid_subset_size=config.kid_subset_size, device=device)
-                out["fid_vs_count"] = extras["curve"]
-        else:
-            notes.append("FID/KID need at least 2 real and 2 synthetic volumes")
-    if len(real_small) >= 2 and len(synth_small) >= 2:
-        out["mmd"] = distribution.image_mmd(real_small, synth_small, config.seed)
-        out["mmd"]["grid"] = list(config.mmd_grid)
-
-    if paired:
-        keys = sorted({k for p in paired for k in p})
-        by_key = {k: [p[k] for p in paired if k in p and math.isfinite(p[k])] for k in keys}
-        for k in keys:
-            n_inf = sum(1 for p in paired if k in p and math.isinf(p[k]))
-            if n_inf:
-                notes.append(f"{k}: {n_inf} pairs are identical (infinite PSNR) and left out of the mean")
-        out["paired"] = {
-            "n_pairs": len(paired),
-            "mean": {k: float(np.mean(v)) if v else float("nan") for k, v in by_key.items()},
-            "std": {k: float(np.std(v)) if v else float("nan") for k, v in by_key.items()},
-            "ci": {k: _mean_ci(v, config.n_bootstrap, config.seed) for k, v in by_key.items()},
-            "percentiles": list(config.percentiles),
-        }
-        out["ms_ssim_fidelity"] = {"mean": float(np.mean(fidelity)), "std": float(np.std(fidelity)),
-                                   "n_pairs": len(fidelity), "settings": ms_settings}
+    workers = max(1, int(config.workers))
+    if workers == 1 or len(units) < 2:
+        _WORKER.clear()
+        _WORKER.update(plan=plan, config=config, extractor=extractor if extractor is not None else _make_extractor(config),
+                       cache=_make_cache(config, extractor))
+        try:
+            for unit in units:
+                take(_run_unit(unit))
+        finally:
+            _WORKER.clear()
     else:
-        notes.append("no synthetic image has a paired real image of the same shape: paired metrics skipped")
-    if grouped:
-        out["ms_ssim_diversity"] = similarity.ms_ssim_diversity(groups)
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    if train_items:
-        train = [it for it in train_items if it.get(contrast)]
-        if len(train) >= 2:
-            out["memorisation"] = memorisation.nearest_neighbours(
-                [_loader(it, contrast) for it in synth_items], [_loader(it, contrast) for it in train],
-                [it["id"] for it in synth_items], [it["id"] for it in train], ratio=config.memorisation_ratio,
-            )
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(plan, config, extractor, threads)) as pool:
+            futures = [pool.submit(_run_unit, u) for u in units]
+            for fut in as_completed(futures):
+                take(fut.result())
+    bar.close()
+    acc.cache = cache_counts if (config.extractor or extractor is not None) else None
+    return acc
+
+
+# --------------------------------------------------------------------------------------------- aggregation
+
+
+def _aggregate(plan: Plan, acc: _Accumulator, config: EvalConfig, extractor_name, train_items) -> tuple[dict, dict]:
+    """Set-level metrics from the records (sorted, so order of arrival, workers and shards do not matter)."""
+    records = sorted(acc.records, key=lambda r: (("real", "synth", "pair").index(r["kind"]), r["index"]))
+    out_contrasts, extras_all, notes = {}, {}, list(plan.notes)
+    for contrast in plan.contrasts:
+        real = [r["contrasts"][contrast] for r in records if r["kind"] == "real" and contrast in r["contrasts"]]
+        synth_recs = [r for r in records if r["kind"] == "synth" and contrast in r["contrasts"]]
+        synth = [r["contrasts"][contrast] for r in synth_recs]
+        out: dict[str, Any] = {"n_real": len(real), "n_synthetic": len(synth)}
+        c_notes = []
+        unpaired = [s["unpaired"] for s in synth if "unpaired" in s]
+        if unpaired:
+            c_notes.append(f"{len(unpaired)} synthetic images differ in shape from their real pair and are not "
+                           f"paired (e.g. {unpaired[0]})")
+        extras: dict[str, Any] = {"hist_real": [r["hist"].numpy() for r in real],
+                                  "hist_synth": [s["hist"].numpy() for s in synth]}
+        if extractor_name is not None:
+            out["extractor"] = extractor_name
+            real_feats, synth_feats = [r["features"] for r in real], [s["features"] for s in synth]
+            if len(real_feats) >= 2 and len(synth_feats) >= 2:
+                device = config.device
+                out["fid"] = distribution.fid_report(real_feats, synth_feats, config.n_subsamples, config.seed, device)
+                out["kid"] = distribution.kid_report(real_feats, synth_feats, config.kid_subset_size,
+                                                     config.kid_subsets, max(2, config.n_subsamples // 2),
+                                                     config.seed, device)
+                if config.curves and len(synth_feats) >= 3:
+                    extras["curve"] = distribution.metric_vs_count(
+                        real_feats, synth_feats, seed=config.seed, kid_subset_size=config.kid_subset_size,
+                        device=device)
+                    out["fid_vs_count"] = extras["curve"]
+            else:
+                c_notes.append("FID/KID need at least 2 real and 2 synthetic volumes")
+        sums = acc.mmd.get(contrast)
+        if sums and sums["real"].n >= 2 and sums["synth"].n >= 2:
+            out["mmd"] = distribution.mmd_report(
+                sums["real"], sums["synth"], config.mmd_grid,
+                f"each volume clipped to its brain's {config.percentiles[0]}-{config.percentiles[1]} percentiles, "
+                f"scaled to [0, 1], resampled (trilinear) to {'x'.join(map(str, config.mmd_grid))}")
+        paired = [s["paired"] for s in synth if "paired" in s]
+        if paired:
+            keys = sorted({k for p in paired for k in p})
+            by_key = {k: [p[k] for p in paired if k in p and math.isfinite(p[k])] for k in keys}
+            for k in keys:
+                n_inf = sum(1 for p in paired if k in p and math.isinf(p[k]))
+                if n_inf:
+                    c_notes.append(f"{k}: {n_inf} pairs are identical (infinite PSNR) and left out of the mean")
+            out["paired"] = {
+                "n_pairs": len(paired),
+                "mean": {k: float(np.mean(v)) if v else float("nan") for k, v in by_key.items()},
+                "std": {k: float(np.std(v)) if v else float("nan") for k, v in by_key.items()},
+                "ci": {k: _mean_ci(v, config.n_bootstrap, config.seed) for k, v in by_key.items()},
+                "percentiles": list(config.percentiles),
+                "ssim_definition": similarity.ssim_option(config.ssim),
+            }
+            fidelity = [s["fidelity"] for s in synth if "fidelity" in s]
+            settings = [s["fidelity_settings"] for s in synth if "fidelity" in s]
+            out["ms_ssim_fidelity"] = {"mean": float(np.mean(fidelity)), "std": float(np.std(fidelity)),
+                                       "n_pairs": len(fidelity), "settings": settings[0]}
+            if len({st["name"] for st in settings}) > 1:
+                c_notes.append("MS-SSIM fidelity mixes settings (volumes of different sizes): set --ms_ssim")
         else:
-            notes.append("memorisation check needs at least 2 training volumes")
-    out["notes"] = notes
-    return out, extras
+            c_notes.append("no synthetic image has a paired real image of the same shape: paired metrics skipped")
+        if plan.grouped:
+            values: dict[str, list[float]] = defaultdict(list)
+            settings = None
+            for r in records:
+                if r["kind"] == "pair" and contrast in r["contrasts"]:
+                    values[r["condition"]].append(r["contrasts"][contrast]["value"])
+                    settings = settings or r["contrasts"][contrast]["settings"]
+            out["ms_ssim_diversity"] = similarity.summarise_diversity(
+                dict(values), plan.n_pairs_possible, plan.n_conditions_skipped, settings, config.diversity_pairs,
+                config.seed)
+        if train_items:
+            train = [it for it in train_items if it.get(contrast)]
+            synth_items = [plan.synth_items[r["index"]] for r in synth_recs]
+            if len(train) >= 2:
+                out["memorisation"] = memorisation.nearest_neighbours(
+                    [_loader(it, contrast) for it in synth_items], [_loader(it, contrast) for it in train],
+                    [it["id"] for it in synth_items], [it["id"] for it in train], ratio=config.memorisation_ratio,
+                )
+            else:
+                c_notes.append("memorisation check needs at least 2 training volumes")
+        notes += [f"{contrast}: {n}" for n in c_notes]
+        out_contrasts[contrast] = out
+        extras_all[contrast] = extras
+    return out_contrasts, {"extras": extras_all, "notes": notes}
+
+
+def evaluate_sets(
+    real_items: Sequence[dict], synth_items: Sequence[dict], out_dir, config: EvalConfig | None = None,
+    train_items: Sequence[dict] | None = None, extractor=None, segmenter: Callable | None = None,
+    segmenter_contrasts: Sequence[str] = CONTRASTS, segmenter_transform: Callable | None = None,
+) -> dict:
+    """Evaluate a synthetic set against a real one; write metrics.json, report.md and PNGs to ``out_dir``.
+
+    ``extractor`` (a callable volume -> feature rows) overrides ``config.extractor`` (it is cached only if it
+    has a ``cache_key``; with ``config.workers > 1`` it must pickle); ``segmenter`` (a network: (1, C, ...) ->
+    logits) enables conditioning fidelity on ``segmenter_contrasts``. Outputs are written to a temporary
+    folder and moved into ``out_dir`` only when everything succeeded.
+    """
+    config = config or EvalConfig()
+    plan = make_plan(real_items, synth_items, config)
+    if extractor is None and config.extractor and config.workers <= 1:
+        extractor = _make_extractor(config)  # fail early (missing weights) before any case is read
+    torch.manual_seed(config.seed)
+    acc = score_units(plan, config, plan.units(), extractor)
+    return _finish(plan, acc, out_dir, config, train_items, extractor, segmenter, segmenter_contrasts,
+                   segmenter_transform)
+
+
+def _extractor_name(config: EvalConfig, extractor) -> str | None:
+    if extractor is not None:
+        return getattr(extractor, "name", type(extractor).__name__)
+    if config.extractor:
+        return Path(config.extractor).name if Path(config.extractor).is_file() else config.extractor
+    return None
+
+
+def _finish(plan: Plan, acc: _Accumulator, out_dir, config: EvalConfig, train_items, extractor, segmenter,
+            segmenter_contrasts, segmenter_transform, shards: int = 1) -> dict:
+    name = _extractor_name(config, extractor)
+    contrasts, agg = _aggregate(plan, acc, config, name, list(train_items or []))
+    real_by_id = {it["id"]: it for it in plan.real_items}
+    n_paired = sum(condition_of(it) in real_by_id for it in plan.synth_items)
+    metrics: dict[str, Any] = {
+        "info": {"n_real": len(plan.real_items), "n_synthetic": len(plan.synth_items), "n_paired": n_paired,
+                 "n_training": len(train_items) if train_items else 0, "extractor": name,
+                 "device": str(getattr(extractor, "device", config.device or default_device())),
+                 "workers": config.workers, "shards": shards,
+                 "ssim": similarity.describe_ssim(similarity.ssim_option(config.ssim))},
+        "feature_cache": getattr(acc, "cache", None),
+        "config": config.to_dict(),
+        "contrasts": contrasts,
+        "notes": agg["notes"],
+    }
+    if segmenter is not None:
+        cond = _conditioning(plan.synth_items, real_by_id, config, segmenter, segmenter_contrasts, segmenter_transform)
+        if cond is None:
+            metrics["notes"].append("conditioning fidelity skipped: no synthetic case has all segmenter contrasts and a mask")
+        else:
+            metrics["conditioning_fidelity"] = cond
+    metrics = _finite(metrics)
+    extras = agg["extras"]
+    hist_real = {c: np.concatenate(e["hist_real"]) if e["hist_real"] else np.zeros(0) for c, e in extras.items()}
+    hist_synth = {c: np.concatenate(e["hist_synth"]) if e["hist_synth"] else np.zeros(0) for c, e in extras.items()}
+    curves = {c: e["curve"] for c, e in extras.items() if "curve" in e}
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".evaluate-", dir=out_dir))
+    try:
+        _write_outputs(metrics, staging, hist_real, hist_synth, curves, plan.synth_items, real_by_id, config)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------- shards
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(v) for v in str(shard).split("/"))
+    except ValueError:
+        raise DataError("--shard", f"expected i/n (e.g. 0/4), got {shard!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise DataError("--shard", f"need 0 <= i < n, got {shard!r}")
+    return i, n
+
+
+def shard_path(out_dir, i: int, n: int) -> Path:
+    return Path(out_dir) / "shards" / f"shard-{i}-of-{n}.pt"
+
+
+def evaluate_shard(real_items, synth_items, out_dir, shard: str, config: EvalConfig | None = None,
+                   extractor=None) -> Path:
+    """Score every n-th unit (cases and diversity pairs) and write the records to ``out_dir/shards/``."""
+    config = config or EvalConfig()
+    i, n = parse_shard(shard)
+    plan = make_plan(real_items, synth_items, config)
+    units = plan.units()[i::n]
+    acc = score_units(plan, config, units, extractor)
+    state = {"fingerprint": plan.fingerprint(config), "shard": [i, n], "n_units": len(units),
+             "cache": acc.cache, **acc.state()}
+    return torch_save(state, shard_path(out_dir, i, n))
+
+
+def merge_shards(real_items, synth_items, out_dir, config: EvalConfig | None = None, train_items=None,
+                 extractor=None, segmenter=None, segmenter_contrasts: Sequence[str] = CONTRASTS,
+                 segmenter_transform=None) -> dict:
+    """Combine ``out_dir/shards/shard-*-of-n.pt`` (all n, same items and settings) into the full report."""
+    config = config or EvalConfig()
+    plan = make_plan(real_items, synth_items, config)
+    files = sorted((Path(out_dir) / "shards").glob("shard-*-of-*.pt"))
+    if not files:
+        raise DataError(Path(out_dir) / "shards", "no shard files (run with --shard i/n first)")
+    counts = {int(f.stem.rsplit("-of-", 1)[1]) for f in files}
+    if len(counts) != 1:
+        raise DataError(Path(out_dir) / "shards", f"shards of different splits {sorted(counts)}: keep one")
+    n = counts.pop()
+    missing = [i for i in range(n) if not shard_path(out_dir, i, n).exists()]
+    if missing:
+        raise DataError(Path(out_dir) / "shards", f"shards {missing} of {n} are missing: run --shard i/{n} for them")
+    acc = _Accumulator()
+    cache = {"hits": 0, "misses": 0, "folder": None}
+    fingerprint = plan.fingerprint(config)
+    for i in range(n):
+        path = shard_path(out_dir, i, n)
+        state = torch_load(path)
+        if state["fingerprint"] != fingerprint:
+            raise DataError(path, "written for other items or settings than this merge: rerun the shard")
+        acc.merge_state(state)
+        if state.get("cache"):
+            cache["hits"] += state["cache"]["hits"]
+            cache["misses"] += state["cache"]["misses"]
+            cache["folder"] = state["cache"]["folder"]
+    if len(acc.records) != len(plan.units()):
+        raise DataError(Path(out_dir) / "shards", f"{len(acc.records)} records for {len(plan.units())} units")
+    acc.cache = cache if config.extractor or extractor is not None else None
+    return _finish(plan, acc, out_dir, config, train_items, extractor, segmenter, segmenter_contrasts,
+                   segmenter_transform, shards=n)
 
 
 def _loader(item: dict, key: str) -> Callable[[], np.ndarray]:
     return lambda: load_volume(item, key)[0]
-
-
-def _normalised_loader(item: dict, key: str, percentiles) -> Callable[[], np.ndarray]:
-    return lambda: similarity.percentile_normalise(load_volume(item, key)[0], None, percentiles)
 
 
 def _mean_ci(values: Sequence[float], n_bootstrap: int, seed: int) -> dict | None:
@@ -291,80 +670,6 @@ def _zscore_channels(image: np.ndarray) -> np.ndarray:
             v = image[c][nz]
             out[c][nz] = (v - v.mean()) / max(float(v.std()), 1e-6)
     return out
-
-
-def evaluate_sets(
-    real_items: Sequence[dict], synth_items: Sequence[dict], out_dir, config: EvalConfig | None = None,
-    train_items: Sequence[dict] | None = None, extractor=None, segmenter: Callable | None = None,
-    segmenter_contrasts: Sequence[str] = CONTRASTS, segmenter_transform: Callable | None = None,
-) -> dict:
-    """Evaluate a synthetic set against a real one; write metrics.json, report.md and PNGs to ``out_dir``.
-
-    ``extractor`` (a callable volume -> feature rows) overrides ``config.extractor``; ``segmenter`` (a
-    network: (1, C, ...) -> logits) enables conditioning fidelity on ``segmenter_contrasts``. Outputs are
-    written to a temporary folder and moved into ``out_dir`` only when everything succeeded.
-    """
-    config = config or EvalConfig()
-    real_items, synth_items = list(real_items), list(synth_items)
-    _check_items(real_items, "real")
-    _check_items(synth_items, "synthetic")
-    if extractor is None and config.extractor:
-        kwargs = dict(config.extractor_options)
-        if config.extractor not in ("inception2d", "radimagenet2.5d", "medicalnet3d"):
-            kwargs.setdefault("mode", config.extractor_mode)
-        extractor = build_extractor(config.extractor, weights=config.weights, device=config.device, **kwargs)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    real_by_id = {it["id"]: it for it in real_items}
-    n_paired = sum(condition_of(it) in real_by_id for it in synth_items)
-    metrics: dict[str, Any] = {
-        "info": {"n_real": len(real_items), "n_synthetic": len(synth_items), "n_paired": n_paired,
-                 "n_training": len(train_items) if train_items else 0,
-                 "extractor": getattr(extractor, "name", None) if extractor is not None else None,
-                 "device": str(getattr(extractor, "device", config.device or default_device()))},
-        "config": config.to_dict(),
-        "contrasts": {},
-        "notes": [],
-    }
-    hist_real, hist_synth, curves = {}, {}, {}
-    for contrast in config.contrasts:
-        synth_c = [it for it in synth_items if it.get(contrast)]
-        real_c = [it for it in real_items if it.get(contrast)]
-        if not synth_c:
-            metrics["notes"].append(f"{contrast}: absent from the synthetic set, skipped")
-            continue
-        if not real_c:
-            metrics["notes"].append(f"{contrast}: absent from the real set, skipped")
-            continue
-        if len(synth_c) < len(synth_items):
-            metrics["notes"].append(f"{contrast}: only {len(synth_c)} of {len(synth_items)} synthetic cases have it")
-        m, extras = evaluate_contrast(contrast, real_c, synth_c, config, extractor, list(train_items or []), rng)
-        metrics["notes"] += [f"{contrast}: {n}" for n in m.pop("notes")]
-        metrics["contrasts"][contrast] = m
-        hist_real[contrast] = np.concatenate(extras["hist_real"]) if extras["hist_real"] else np.zeros(0)
-        hist_synth[contrast] = np.concatenate(extras["hist_synth"]) if extras["hist_synth"] else np.zeros(0)
-        if "curve" in extras:
-            curves[contrast] = extras["curve"]
-    if not metrics["contrasts"]:
-        raise ValueError(f"no contrast of {list(config.contrasts)} is present in both the real and the synthetic set")
-    if segmenter is not None:
-        cond = _conditioning(synth_items, real_by_id, config, segmenter, segmenter_contrasts, segmenter_transform)
-        if cond is None:
-            metrics["notes"].append("conditioning fidelity skipped: no synthetic case has all segmenter contrasts and a mask")
-        else:
-            metrics["conditioning_fidelity"] = cond
-    metrics = _finite(metrics)
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".evaluate-", dir=out_dir))
-    try:
-        _write_outputs(metrics, staging, hist_real, hist_synth, curves, synth_items, real_by_id, config)
-        for path in sorted(staging.iterdir()):
-            os.replace(path, out_dir / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return metrics
 
 
 def _write_outputs(metrics, folder: Path, hist_real, hist_synth, curves, synth_items, real_by_id, config) -> None:

@@ -33,48 +33,92 @@ def _ci(ci: Mapping | None) -> str:
     return f"[{_fmt(ci['low'])}, {_fmt(ci['high'])}]"
 
 
-def contrast_rows(m: Mapping) -> list[tuple[str, str, str, str]]:
-    """(metric, value, 95% CI, samples) rows for one contrast's metrics dict."""
+def _ci_method(ci: Mapping | None) -> str:
+    if not ci or ci.get("low") is None:
+        return ""
+    if "subsample_size" in ci:
+        return f"; CI: half-sampling without replacement ({ci['n_subsamples']} x {ci['subsample_size'][0]}/{ci['subsample_size'][1]})"
+    return f"; CI: bootstrap of the mean ({ci.get('n_bootstrap')})"
+
+
+def contrast_rows(m: Mapping) -> list[tuple[str, str, str, str, str]]:
+    """(metric, value, 95% CI, samples, definition) rows for one contrast's metrics dict."""
     rows = []
+    extractor = m.get("extractor", "")
     if "fid" in m:
         f = m["fid"]
-        rows.append(("FID", _fmt(f["value"]), _ci(f.get("ci")), f"{f['n_real']} real / {f['n_synthetic']} synthetic"))
+        rows.append(("FID", _fmt(f["value"]), _ci(f.get("ci")),
+                     f"{f['n_real']} real / {f['n_synthetic']} synthetic volumes "
+                     f"({f['n_real_features']} / {f['n_synthetic_features']} feature rows)",
+                     f"{extractor} features; depends on the sample count{_ci_method(f.get('ci'))}"))
     if "kid" in m:
         k = m["kid"]
-        rows.append((f"KID (subsets of {k['subset_size']})", f"{_fmt(k['mean'])} ± {_fmt(k['std'])}", _ci(k.get("ci")),
-                     f"{k['n_real']} real / {k['n_synthetic']} synthetic"))
+        rows.append(("KID", f"{_fmt(k['mean'])} ± {_fmt(k['std'])}", _ci(k.get("ci")),
+                     f"{k['n_real']} real / {k['n_synthetic']} synthetic volumes",
+                     f"{extractor} features, cubic kernel, {k['n_subsets']} subsets of {k['subset_size']} rows"
+                     f"{_ci_method(k.get('ci'))}"))
     if "mmd" in m:
-        rows.append(("MMD", _fmt(m["mmd"]["value"]), "-", f"{m['mmd']['n_per_set']} per set"))
+        d = m["mmd"]
+        grid = "x".join(str(g) for g in d.get("grid", []))
+        rows.append(("MMD", _fmt(d["value"]), "-", f"{d.get('n_real', d.get('n_per_set'))} real / "
+                     f"{d.get('n_synthetic', d.get('n_per_set'))} synthetic",
+                     f"linear-kernel MMD^2 (MONAI) summed over a {grid} grid ({_fmt(d.get('value_per_voxel'))} per "
+                     f"voxel); {d.get('normalisation', '')}"))
     if "ms_ssim_fidelity" in m:
         f = m["ms_ssim_fidelity"]
-        rows.append(("MS-SSIM fidelity (paired, ↑)", f"{_fmt(f['mean'])} ± {_fmt(f['std'])}", "-", f"{f['n_pairs']} pairs"))
+        rows.append(("MS-SSIM fidelity (paired, ↑)", f"{_fmt(f['mean'])} ± {_fmt(f['std'])}", "-",
+                     f"{f['n_pairs']} pairs", _ms_ssim_definition(f.get("settings"))))
     if "ms_ssim_diversity" in m and m["ms_ssim_diversity"].get("mean") is not None:
         d = m["ms_ssim_diversity"]
+        drawn = f" (seed {d.get('seed')}, of {d.get('n_pairs_possible')} possible)" if "n_pairs_possible" in d else ""
         rows.append(("MS-SSIM diversity (within condition, ↓)", _fmt(d["mean"]), "-",
-                     f"{d['n_pairs']} pairs / {d['n_conditions']} conditions"))
-    for key, value in m.get("paired", {}).get("mean", {}).items():
-        ci = m["paired"].get("ci", {}).get(key)
-        rows.append((key.replace("_", " "), _fmt(value), _ci(ci), f"{m['paired']['n_pairs']} pairs"))
+                     f"{d['n_pairs']} pairs{drawn} / {d['n_conditions']} conditions",
+                     _ms_ssim_definition(d.get("settings"))))
+    paired = m.get("paired", {})
+    ssim_def = paired.get("ssim_definition")
+    for key, value in paired.get("mean", {}).items():
+        ci = paired.get("ci", {}).get(key)
+        if key.startswith("ssim") and ssim_def:
+            definition = (f"SSIM {ssim_def['name']}: {ssim_def['kernel_size']}-voxel Gaussian window, sigma "
+                          f"{ssim_def['sigma']}, valid border; map over the whole image averaged in the region")
+        else:
+            definition = "on images clipped to brain percentiles " + "-".join(str(p) for p in paired.get("percentiles", [])) \
+                + ", scaled to [0, 1]"
+        rows.append((key.replace("_", " "), _fmt(value), _ci(ci), f"{paired['n_pairs']} pairs",
+                     definition + _ci_method(ci)))
     if "memorisation" in m:
         mem = m["memorisation"]
         rows.append(("near-copies of training cases", f"{mem['n_flagged']} / {mem['n_synthetic']}", "-",
-                     f"{mem['n_training']} training"))
+                     f"{mem['n_training']} training",
+                     f"correlation distance < {_fmt(mem['ratio'])} x median training nearest-neighbour distance"))
     return rows
 
 
+def _ms_ssim_definition(settings: Mapping | None) -> str:
+    if not settings:
+        return ""
+    return (f"MS-SSIM {settings.get('name', '')}: {settings.get('n_scales', len(settings.get('weights', ())))} scales, "
+            f"{settings['kernel_size']}-voxel window")
+
+
 def markdown_report(metrics: Mapping) -> str:
-    """One Markdown table per contrast, then conditioning fidelity and the notes."""
+    """One Markdown table per contrast (each value with its definition and sample count), then the rest."""
     lines = ["# Evaluation report", ""]
     info = metrics.get("info", {})
     if info:
-        lines += [f"- {k}: {v}" for k, v in info.items() if not isinstance(v, (dict, list))] + [""]
+        lines += [f"- {k}: {v}" for k, v in info.items() if not isinstance(v, (dict, list))]
+    cache = metrics.get("feature_cache")
+    if cache:
+        lines.append(f"- feature cache: {cache['hits']} read, {cache['misses']} computed ({cache['folder']})")
+    lines.append("")
     for contrast, m in metrics.get("contrasts", {}).items():
-        lines += [f"## {contrast}", "", "| metric | value | 95% CI | samples |", "|---|---|---|---|"]
-        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in contrast_rows(m)]
+        lines += [f"## {contrast}", "", "| metric | value | 95% CI | samples | definition |", "|---|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in contrast_rows(m)]
         lines.append("")
     cond = metrics.get("conditioning_fidelity")
     if cond:
         lines += ["## Conditioning fidelity (segmentation of synthetic images vs their masks)", "",
+                  f"{cond.get('n_cases', '?')} cases; HD95: {cond.get('hd95_convention', 'monai')} convention", "",
                   "| region | Dice | HD95 | ASSD |", "|---|---|---|---|"]
         for region, s in cond["mean"].get("per_region", {}).items():
             lines.append(f"| {region} | {_fmt(s['dice'])} | {_fmt(s['hd95'])} | {_fmt(s['assd'])} |")
