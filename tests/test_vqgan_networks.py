@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from ignite.engine import Engine, Events
@@ -111,3 +113,33 @@ def test_dead_codes_are_restarted_from_encoder_outputs(one_torch_thread):
     assert int(vqgan.code_age.max()) < 2
     with pytest.raises(ValueError):
         CodebookHealth(vqgan, interval=0)
+
+
+def test_stage1_trains_with_the_shared_adversarial_trainer(one_torch_thread):
+    """0.8 L1 + commitment + 0.2 LGG/HGG cross-entropy, hinge adversarial with the adaptive weight and feature
+    matching, codebook health attached: the losses fall and the usage metrics are logged."""
+    from common.engines import AdversarialTrainer
+    from common.engines.losses import L1, CrossEntropy, Quantization
+
+    vqgan = tiny_vqgan(num_embeddings=16)
+    torch.manual_seed(0)
+    disc = build_discriminator(channels=4, num_layers_d=1)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(4, 1, 16, 16, 16, generator=g) * 2 - 1, "class": torch.tensor([0, 1, 0, 1])}
+    batch["image"][1::2] *= 0.2  # the two classes differ
+    health = CodebookHealth(vqgan, interval=5, dead_after=5)
+    trainer = AdversarialTrainer(
+        "cpu", 1, [batch] * 30, vqgan, torch.optim.Adam(vqgan.parameters(), 2e-3),
+        losses={"l1": L1(0.8), "quantization": Quantization(1.0), "classification": CrossEntropy(0.2)},
+        discriminator=disc, d_optimizer=torch.optim.Adam(disc.parameters(), 2e-4), adversarial_weight=0.1,
+        adversarial_warmup_iterations=10, adversarial_criterion="hinge", adaptive_weight=True,
+        last_layer=vqgan.last_layer, feature_matching_weight=1.0, train_handlers=[health])
+    logged = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: logged.append(dict(e.state.output.items())))
+    trainer.run()
+    first, last = logged[:3], logged[-3:]
+    for key in ("l1", "classification"):
+        assert np.mean([o[key] for o in last]) < np.mean([o[key] for o in first]), key
+    assert logged[-1]["g_adv"] != 0 and logged[-1]["d_loss"] > 0  # the adversarial term is on after warm-up
+    assert 0 < trainer.state.metrics["codebook_usage"] <= 1 and trainer.state.metrics["codebook_perplexity"] >= 1
+    assert len(health.history) == 6
