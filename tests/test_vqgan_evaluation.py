@@ -109,3 +109,21 @@ def test_phantom_grades_are_separable(tmp_path, one_torch_thread):
     assert min(res["counts"].values()) >= 4
     assert res["statistics"]["accuracy"]["mean"] >= 0.75, res["statistics"]
     assert res["statistics"]["auc"]["mean"] >= 0.75, res["statistics"]
+
+
+def test_compare_decoders_side_by_side(one_torch_thread):
+    import torch
+
+    from common.vqgan_transformer.evaluation import compare_decoders
+    from common.vqgan_transformer.networks import ImportanceVQGAN, build_transformer, build_vqgan
+
+    torch.manual_seed(0)
+    vqgan = ImportanceVQGAN(build_vqgan(channels=(8, 8), num_res_layers=1, num_embeddings=16, embedding_dim=8),
+                            head_channels=8).eval()
+    transformer = build_transformer(16, (4, 4, 4), hidden_size=16, num_layers=1, num_heads=2, dropout=0.0).eval()
+    rng = np.random.default_rng(0)
+    real = {"LGG": blobs(3, False, rng), "HGG": blobs(3, True, rng)}
+    res = compare_decoders(vqgan, transformer, real, count=2, steps=4)
+    assert res["raster"]["network_passes"] == 64 and res["maskgit"]["network_passes"] == 4
+    assert res["passes_ratio"] == 16 and res["speedup"] > 1
+    assert res["maskgit"]["mmd_LGG"] >= 0 and "mmd_HGG" in res["raster"]
