@@ -173,3 +173,89 @@ def test_downstream_segmentation_files_are_scored_by_case(sets, tmp_path):
     assert res["mean"]["per_region"]["WT"]["dice"] == pytest.approx(1)
     with pytest.raises(ValueError, match="no reference"):
         evaluate_segmentations([{"id": "nope", "label": preds[0]["label"]}], real, progress=False)
+
+
+def _numbers(obj, prefix=""):
+    """Flatten a metrics dict to {path: number} for exact comparisons."""
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_numbers(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_numbers(v, f"{prefix}/{i}"))
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        out[prefix] = float(obj)
+    return out
+
+
+def _grouped_synthetic(sets, tmp_path):
+    items = []
+    for cid in ("case0", "case1", "case2"):
+        for k, folder in enumerate(("copy", "noised", "noised")):
+            items.append({"id": f"{cid}_s{k}", "source_id": cid,
+                          **{c: str(sets / folder / cid / f"{c}.nii.gz") for c in ("t1n", "t2f")}})
+    return items
+
+
+@pytest.mark.slow  # four evaluations of 14 cases and 4 pairs
+def test_two_shards_merged_equal_one_process(sets, tmp_path):
+    from common.metrics.evaluate import evaluate_shard, merge_shards
+
+    real, synth = load_items(sets / "real"), _grouped_synthetic(sets, tmp_path)
+    config = EvalConfig(extractor=str(sets / "features.ts"), extractor_mode="2d", contrasts=("t2f",),
+                        n_bootstrap=10, n_subsamples=10, kid_subsets=5, n_montages=0, progress=False, curves=False,
+                        diversity_pairs=4, feature_cache=None)
+    single = evaluate_sets(real, synth, tmp_path / "single", config)
+    for i in (1, 0):  # any order
+        evaluate_shard(real, synth, tmp_path / "sharded", f"{i}/2", config)
+    merged = merge_shards(real, synth, tmp_path / "sharded", config)
+    a, b = _numbers(single["contrasts"]), _numbers(merged["contrasts"])
+    assert a.keys() == b.keys() and len(a) > 30
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
+    t2f = merged["contrasts"]["t2f"]
+    assert t2f["ms_ssim_diversity"]["n_pairs"] == 4 and t2f["ms_ssim_diversity"]["n_pairs_possible"] == 9
+    assert merged["info"]["shards"] == 2 and (tmp_path / "sharded" / "report.md").exists()
+    # a shard written for other settings is refused, naming the file
+    evaluate_shard(real, synth, tmp_path / "stale", "0/2", config)
+    evaluate_shard(real, synth, tmp_path / "stale", "1/2", EvalConfig(**{**config.to_dict(), "seed": 5}))
+    with pytest.raises(ValueError, match="shard-1-of-2.pt: written for other items or settings"):
+        merge_shards(real, synth, tmp_path / "stale", config)
+    with pytest.raises(ValueError, match=r"shards \[1\] of 3 are missing"):
+        evaluate_shard(real, synth, tmp_path / "partial", "0/3", config)
+        evaluate_shard(real, synth, tmp_path / "partial", "2/3", config)
+        merge_shards(real, synth, tmp_path / "partial", config)
+
+
+def test_second_run_reads_the_real_features_from_the_cache(sets, tmp_path):
+    real = load_items(sets / "real")
+    config = EvalConfig(extractor=str(sets / "features.ts"), extractor_mode="2d", contrasts=("t2f", "t1n"),
+                        n_subsamples=5, kid_subsets=5, n_montages=0, progress=False, curves=False,
+                        feature_cache=str(tmp_path / "cache"))
+    first = evaluate_sets(real, load_items(sets / "copy"), tmp_path / "a", config)
+    # the copy's files are byte-identical to the real ones: the content hash already finds them
+    assert first["feature_cache"]["misses"] == 10 and first["feature_cache"]["hits"] == 10
+    second = evaluate_sets(real, load_items(sets / "noised"), tmp_path / "b", config)
+    assert second["feature_cache"]["hits"] == 10  # all 5 real cases x 2 contrasts
+    assert second["feature_cache"]["misses"] == 10  # the new synthetic set
+    assert "feature cache: 10 read, 10 computed" in (tmp_path / "b" / "report.md").read_text()
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 20
+    fresh = evaluate_sets(real, load_items(sets / "noised"), tmp_path / "c", EvalConfig(**{**config.to_dict(),
+                          "feature_cache": None}))
+    assert fresh["contrasts"]["t2f"]["fid"]["value"] == pytest.approx(second["contrasts"]["t2f"]["fid"]["value"])
+
+
+@pytest.mark.slow  # two spawned worker processes import torch and MONAI
+def test_two_workers_equal_one(sets, tmp_path):
+    real, synth = load_items(sets / "real"), _grouped_synthetic(sets, tmp_path)
+    config = EvalConfig(extractor=str(sets / "features.ts"), extractor_mode="2d", contrasts=("t2f",),
+                        n_bootstrap=10, n_subsamples=10, kid_subsets=5, n_montages=0, progress=False, curves=False,
+                        feature_cache=None)
+    one = evaluate_sets(real, synth, tmp_path / "one", config)
+    two = evaluate_sets(real, synth, tmp_path / "two", EvalConfig(**{**config.to_dict(), "workers": 2}))
+    a, b = _numbers(one["contrasts"]), _numbers(two["contrasts"])
+    assert a.keys() == b.keys()
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
+    assert two["info"]["workers"] == 2
