@@ -288,6 +288,7 @@ def test_verify_net_in_out(name, fmt, net_id, one_torch_thread):
                       **{"_meta_#network_data_format": spec})
 
 
+@pytest.mark.slow  # metadata-size inputs through each network, twice (10-40 s on 2 shared cores)
 @pytest.mark.parametrize(("name", "fmt", "net_id"), _net_params("export"))
 def test_traced_export_loads_and_matches_eager(name, fmt, net_id, tmp_path, one_torch_thread):
     import torch
