@@ -96,7 +96,7 @@ def test_large_files_can_be_hosted_outside_the_zip(tmp_path):
 
 
 def test_a_changed_large_file_stops_packaging_unless_hashes_are_updated(tmp_path):
-    from common.bundle.release import file_hash, read_large_files, write_release
+    from common.bundle.release import file_hash, read_large_files, write_large_files, write_release
 
     name = NAMES[0]
     root = _copy_bundle(name, tmp_path / "src")
@@ -112,6 +112,13 @@ def test_a_changed_large_file_stops_packaging_unless_hashes_are_updated(tmp_path
     info = write_release(root, tmp_path / "dist", update_hashes=True)
     assert read_large_files(root)[0]["hash_val"] == file_hash(target)
     assert Path(info["zip"]).is_file()
+
+    # a new bundle lists its weights without hashes: refused, until --update_hashes fills them in
+    write_large_files(root, [{**e, "hash_val": ""} for e in read_large_files(root)])
+    with pytest.raises(DataError, match="hash_val.*--update_hashes"):
+        write_release(root, tmp_path / "dist")
+    write_release(root, tmp_path / "dist", update_hashes=True)
+    assert [e["hash_val"] for e in read_large_files(root)] == [file_hash(root / e["path"]) for e in read_large_files(root)]
 
     target.unlink()
     with pytest.raises(DataError, match="missing.*download_large_files"):

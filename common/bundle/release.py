@@ -72,8 +72,9 @@ def file_hash(path: str | os.PathLike, hash_type: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def read_large_files(root: str | os.PathLike) -> list[dict]:
-    """The entries of ``large_files.yml`` (``path``, ``url``, ``hash_val``, ``hash_type``), checked for form."""
+def read_large_files(root: str | os.PathLike, require_hash: bool = True) -> list[dict]:
+    """The entries of ``large_files.yml`` (``path``, ``url``, ``hash_val``, ``hash_type``), checked for form;
+    ``require_hash=False`` accepts an empty ``hash_val`` (a new bundle's list, filled by ``--update_hashes``)."""
     import yaml
 
     path = Path(root) / LARGE_FILES
@@ -87,10 +88,12 @@ def read_large_files(root: str | os.PathLike) -> list[dict]:
     if not isinstance(entries, list):
         raise DataError(path, "needs a top-level 'large_files:' list of {path, url, hash_val, hash_type}")
     for i, e in enumerate(entries):
-        if not isinstance(e, dict) or not e.get("path") or not e.get("hash_val"):
-            raise DataError(path, f"entry {i} needs 'path' and 'hash_val' (sha256); got {e!r}")
-        e.setdefault("url", "")
-        e.setdefault("hash_type", "sha256")
+        if not isinstance(e, dict) or not e.get("path") or (require_hash and not e.get("hash_val")):
+            raise DataError(path, f"entry {i} needs 'path' and 'hash_val' (sha256; `python -m tools package "
+                                  f"--bundle {Path(root).name} --update_hashes` fills it in); got {e!r}")
+        e["url"] = e.get("url") or ""
+        e["hash_val"] = e.get("hash_val") or ""
+        e["hash_type"] = e.get("hash_type") or "sha256"
     return entries
 
 
@@ -221,7 +224,7 @@ def write_release(bundle: str | os.PathLike, out_dir: str | os.PathLike = "dist"
     if not version or version not in meta.get("changelog", {}):
         raise DataError(meta_path, f"'version' ({version!r}) must be set and have an entry in 'changelog'")
     check_metadata(meta_path)
-    large = check_large_files(root, read_large_files(root), update_hashes=update_hashes)
+    large = check_large_files(root, read_large_files(root, require_hash=not update_hashes), update_hashes=update_hashes)
     keep, left = release_files(root, [e["path"] for e in large], include_large=base_url is None)
     members: dict[str, Path | bytes] = {rel: root / rel for rel in keep}
     out = Path(out_dir)
