@@ -130,7 +130,6 @@ def _cli(*args):
                           text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-@pytest.mark.slow
 def test_cli_writes_valid_masks_on_the_source_grid_with_previews_and_counts(tmp_path):
     affine = np.diag([1.2, 1.2, 1.5, 1.0]); affine[:3, 3] = (-24, -20, 7)
     src_dir = tmp_path / "masks"
