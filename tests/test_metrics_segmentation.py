@@ -101,3 +101,36 @@ def test_conditioning_fidelity_scores_against_the_conditioning_mask():
     assert per_label["dice"] == pytest.approx((1.0 + 0.6) / 2)  # shifted by 2 of 5 voxels -> 3/5 overlap
     exact = segmentation.conditioning_fidelity(ThresholdSegmenter(), [image], [mask])
     assert exact["mean"]["per_region"]["WT"]["dice"] == pytest.approx(1.0)
+
+
+def test_hd95_brats_convention_is_a_named_option():
+    import surface_distance
+
+    z, y, x = np.meshgrid(*[np.arange(32)] * 3, indexing="ij")
+    gt = (x - 15) ** 2 + (y - 15) ** 2 + (z - 15) ** 2 < 64
+    pred = (x - 17.3) ** 2 / 1.2 + (y - 15) ** 2 + (z - 14) ** 2 < 70
+    spacing = (1.0, 1.0, 2.0)
+    monai_style = binary_scores(pred, gt, spacing)
+    brats = binary_scores(pred, gt, spacing, hd95_convention="brats")
+    expected = surface_distance.compute_robust_hausdorff(surface_distance.compute_surface_distances(gt, pred, spacing), 95)
+    assert brats["hd95"] == pytest.approx(expected)
+    assert 0 < brats["hd95"] <= monai_style["hd95"] + 1e-6 and brats["hd95"] != pytest.approx(monai_style["hd95"])
+    assert brats["dice"] == monai_style["dice"] and brats["assd"] == monai_style["assd"]
+    label = gt.astype(np.int64)
+    scores = segmentation_scores(pred.astype(np.int64), label, regions=None, spacing=spacing, hd95_convention="brats")
+    assert scores["per_label"]["1"]["hd95"] == pytest.approx(expected)
+    empty = binary_scores(np.zeros_like(gt), gt, spacing, hd95_convention="brats")
+    assert empty["dice"] == 0 and empty["hd95"] > 60  # one side empty: the image diagonal, as before
+    with pytest.raises(ValueError, match="hd95_convention"):
+        binary_scores(pred, gt, hd95_convention="medpy")
+
+
+def test_precision_with_no_positive_prediction_is_the_stated_zero_division():
+    s = classification_scores([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4])  # nothing predicted positive
+    assert s["precision"] == 0.0 and s["zero_division_used"] == ["precision"] and s["n_predicted_positive"] == 0
+    assert s["recall"] == 0.0 and s["accuracy"] == 0.5
+    nan = classification_scores([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], zero_division=float("nan"))
+    assert np.isnan(nan["precision"])
+    none_positive = classification_scores([0, 0, 0], [0.1, 0.2, 0.9])
+    assert none_positive["recall"] == 0.0 and "recall" in none_positive["zero_division_used"]
+    assert classification_scores([0, 0, 1, 1], [0.1, 0.6, 0.7, 0.9])["zero_division_used"] == []

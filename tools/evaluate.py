@@ -15,6 +15,7 @@ def evaluate(
     segmenter: str | None = None,
     contrasts: str | tuple | list | None = None,
     label_scheme: str = "brats2023",
+    hd95_convention: str = "monai",
     n_bootstrap: int = 200,
     n_subsamples: int = 100,
     kid_subset_size: int = 1000,
@@ -53,6 +54,8 @@ def evaluate(
             output: logits) for conditioning fidelity (Dice/HD95/ASSD against the conditioning mask).
         contrasts: contrasts to evaluate, e.g. t2f or "t1n,t2f" (default: all four).
         label_scheme: label scheme of the masks (brats2019, brats2023, brats2024, msd, six_label).
+        hd95_convention: monai (larger directed 95th percentile over boundary voxels) or brats (the BraTS 2023
+            metrics code: DeepMind surface-distance over area-weighted surfels), for conditioning fidelity.
         n_bootstrap: bootstrap resamples for the intervals of the paired means (SSIM/PSNR/MAE).
         n_subsamples: half-samples (without replacement) for the FID/KID intervals.
         kid_subset_size: KID subset size (capped by the smaller set; the value used is reported).
@@ -88,7 +91,7 @@ def evaluate(
     config = EvalConfig(
         extractor=None if str(extractor).lower() == "none" else extractor, weights=weights,
         extractor_mode=extractor_mode, extractor_options=options, device=device, contrasts=contrasts,
-        label_scheme=label_scheme, n_bootstrap=n_bootstrap, n_subsamples=n_subsamples,
+        label_scheme=label_scheme, hd95_convention=hd95_convention, n_bootstrap=n_bootstrap, n_subsamples=n_subsamples,
         kid_subset_size=kid_subset_size, ssim=ssim, ms_ssim=ms_ssim, diversity_pairs=diversity_pairs or None,
         n_montages=n_montages, workers=workers, seed=seed, progress=progress,
         feature_cache=None if str(feature_cache).lower() == "none" else feature_cache,

@@ -9,8 +9,15 @@ import numpy as np
 import torch
 
 
-def classification_scores(y_true: Sequence[int], y_score: Sequence[float], threshold: float = 0.5) -> dict:
-    """``y_true`` in {0, 1} (e.g. LGG=0, HGG=1), ``y_score`` the predicted probability of class 1."""
+def classification_scores(y_true: Sequence[int], y_score: Sequence[float], threshold: float = 0.5,
+                          zero_division: float = 0.0) -> dict:
+    """``y_true`` in {0, 1} (e.g. LGG=0, HGG=1), ``y_score`` the predicted probability of class 1.
+
+    A ratio with nothing to count (precision when no case is predicted positive, recall when there is no
+    positive case, F1 when both) is 0/0: MONAI returns NaN, scikit-learn 0 with a warning. Here it is
+    ``zero_division`` (0 by default, as scikit-learn's ``zero_division=0``), and the output says which
+    scores it replaced (``zero_division_used``).
+    """
     from monai.metrics import compute_roc_auc
     from monai.metrics.confusion_matrix import compute_confusion_matrix_metric, get_confusion_matrix
 
@@ -25,8 +32,14 @@ def classification_scores(y_true: Sequence[int], y_score: Sequence[float], thres
     conf = get_confusion_matrix(pred, torch.as_tensor(y, dtype=torch.float32)[:, None]).sum(0)
     names = {"f1": "f1 score", "accuracy": "accuracy", "precision": "precision", "recall": "sensitivity"}
     out = {"auc": auc}
+    replaced = []
     for key, name in names.items():
-        value = compute_confusion_matrix_metric(name, conf)
-        out[key] = float(value.item())
-    out.update(n=int(y.size), n_positive=int(y.sum()), threshold=threshold)
+        value = float(compute_confusion_matrix_metric(name, conf).item())
+        if np.isnan(value) and key != "accuracy":
+            value = float(zero_division)
+            replaced.append(key)
+        out[key] = value
+    tp, fp = (float(v) for v in conf.flatten()[:2])  # [tp, fp, tn, fn]
+    out.update(n=int(y.size), n_positive=int(y.sum()), n_predicted_positive=int(tp + fp), threshold=threshold,
+               zero_division=zero_division, zero_division_used=replaced)
     return out

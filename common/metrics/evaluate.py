@@ -51,6 +51,7 @@ class EvalConfig:
     device: str | None = None  # default: cuda when present, else cpu
     contrasts: Sequence[str] = CONTRASTS
     label_scheme: str = "brats2023"  # of the real labels / conditioning masks (common.data.labels)
+    hd95_convention: str = "monai"  # monai (boundary voxels) or brats (BraTS 2023 code: area-weighted surfels)
     percentiles: tuple[float, float] = (0.5, 99.5)  # BraSyn clipping before paired metrics and histograms
     ssim: str = "standard"  # similarity.SSIM_OPTIONS: standard (11-voxel window) or w7
     ms_ssim: str = "auto"  # similarity.MS_SSIM_OPTIONS name, or auto: the largest that fits the volume
@@ -658,7 +659,8 @@ def _conditioning(synth_items, real_by_id, config: EvalConfig, segmenter, segmen
         masks.append(load_volume(mask_item, "label")[0].astype(np.int64))
     if not images:
         return None
-    return conditioning_fidelity(segmenter, images, masks, regions=config.label_scheme, spacing=spacing)
+    return conditioning_fidelity(segmenter, images, masks, regions=config.label_scheme, spacing=spacing,
+                                 hd95_convention=config.hd95_convention)
 
 
 def _zscore_channels(image: np.ndarray) -> np.ndarray:
@@ -704,7 +706,7 @@ def _write_outputs(metrics, folder: Path, hist_real, hist_synth, curves, synth_i
 
 def evaluate_segmentations(
     predictions: Sequence[dict], references: Sequence[dict], label_scheme: str = "brats2023",
-    key: str = "label", progress: bool = True,
+    key: str = "label", progress: bool = True, hd95_convention: str = "monai",
 ) -> dict:
     """Downstream segmentation (e.g. nnU-Net trained on real vs real+synthetic): score predicted label files.
 
@@ -725,5 +727,7 @@ def evaluate_segmentations(
         truth, _ = load_volume(refs[it["id"]], key)
         if pred.shape != truth.shape:
             raise DataError(it[key], f"prediction shape {pred.shape} differs from reference {truth.shape}")
-        per_case[it["id"]] = segmentation_scores(np.rint(pred), np.rint(truth), regions=label_scheme, spacing=spacing)
-    return _finite({"per_case": per_case, "mean": mean_scores(list(per_case.values())), "n_cases": len(per_case)})
+        per_case[it["id"]] = segmentation_scores(np.rint(pred), np.rint(truth), regions=label_scheme, spacing=spacing,
+                                                 hd95_convention=hd95_convention)
+    return _finite({"per_case": per_case, "mean": mean_scores(list(per_case.values())), "n_cases": len(per_case),
+                    "hd95_convention": hd95_convention})
