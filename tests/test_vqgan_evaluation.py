@@ -127,3 +127,18 @@ def test_compare_decoders_side_by_side(one_torch_thread):
     assert res["raster"]["network_passes"] == 64 and res["maskgit"]["network_passes"] == 4
     assert res["passes_ratio"] == 16 and res["speedup"] > 1
     assert res["maskgit"]["mmd_LGG"] >= 0 and "mmd_HGG" in res["raster"]
+
+
+def test_class_adherence_scores_generated_rois_against_the_requested_class(one_torch_thread):
+    from common.vqgan_transformer.evaluation import class_adherence
+
+    rng = np.random.default_rng(3)
+    real = blobs(6, False, rng) + blobs(6, True, rng)
+    real_labels = [0] * 6 + [1] * 6
+    generated = blobs(4, False, rng) + blobs(4, True, rng)
+    good = class_adherence(real, real_labels, generated, [0] * 4 + [1] * 4, cnn_epochs=10, channels=(4, 8))
+    bad = class_adherence(real, real_labels, generated, [1] * 4 + [0] * 4)  # a model ignoring the class
+    assert good["statistics"]["accuracy"] == 1.0 and bad["statistics"]["accuracy"] == 0.0
+    assert 0.0 <= good["classifier"]["accuracy"] <= 1.0 and good["n_generated"] == 8
+    with pytest.raises(ValueError, match="one requested class"):
+        class_adherence(real, real_labels, generated, [0])

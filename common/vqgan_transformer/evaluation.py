@@ -19,7 +19,7 @@ from common.vqgan_transformer.networks import CLASSES
 
 __all__ = ["per_class_quality", "build_roi_classifier", "train_classifier", "predict_hgg",
            "stratified_folds", "downstream_classification", "summarise", "roi_statistics", "statistic_separability",
-           "phantom_grade_separability", "compare_decoders"]
+           "phantom_grade_separability", "compare_decoders", "class_adherence"]
 
 SCORES = ("auc", "f1", "accuracy", "precision", "recall")
 
@@ -241,12 +241,7 @@ def statistic_separability(rois: Sequence, labels: Sequence[int], folds: int = 4
     rows = []
     for k in range(int(folds)):
         train, test = fold_of != k, fold_of == k
-        mu, sd = x[train].mean(0), x[train].std(0) + 1e-9
-        z_train, z_test = (x[train] - mu) / sd, (x[test] - mu) / sd
-        c0, c1 = z_train[y[train] == 0].mean(0), z_train[y[train] == 1].mean(0)
-        d0, d1 = ((z_test - c0) ** 2).sum(1), ((z_test - c1) ** 2).sum(1)
-        score = 1.0 / (1.0 + np.exp(np.clip(d1 - d0, -50, 50)))  # closer to the HGG centroid -> higher
-        rows.append(classification_scores(y[test], score))
+        rows.append(classification_scores(y[test], _centroid_scores(x[train], y[train], x[test])))
     return {"features": list(ROI_STATISTICS), "per_fold": rows, **summarise(rows)}
 
 
@@ -305,4 +300,36 @@ def compare_decoders(vqgan, transformer, real: Mapping[str, Sequence], count: in
         out[method] = row
     out["passes_ratio"] = out["raster"]["network_passes"] / out["maskgit"]["network_passes"]
     out["speedup"] = out["raster"]["seconds"] / max(out["maskgit"]["seconds"], 1e-9)
+    return out
+
+
+def _centroid_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-9
+    z_train, z_test = (x_train - mu) / sd, (x_test - mu) / sd
+    c0, c1 = z_train[y_train == 0].mean(0), z_train[y_train == 1].mean(0)
+    d0, d1 = ((z_test - c0) ** 2).sum(1), ((z_test - c1) ** 2).sum(1)
+    return 1.0 / (1.0 + np.exp(np.clip(d1 - d0, -50, 50)))  # closer to the HGG centroid -> higher
+
+
+def class_adherence(real_rois: Sequence, real_labels: Sequence[int], generated_rois: Sequence,
+                    requested_labels: Sequence[int], cnn_epochs: int = 0, channels: Sequence[int] = (8, 16, 32),
+                    seed: int = 0, device="cpu") -> dict:
+    """Does the model generate the class it was asked for? Classifiers trained on *real* ROIs only (the
+    statistics' nearest centroid; with ``cnn_epochs`` > 0 also the downstream CNN) score the generated ROIs
+    against the requested classes (chance = 0.5 accuracy / AUC)."""
+    from common.metrics import classification_scores
+
+    y_real = np.asarray([int(v) for v in real_labels])
+    y_gen = [int(v) for v in requested_labels]
+    if len(generated_rois) != len(y_gen) or len(generated_rois) == 0:
+        raise ValueError(f"need one requested class per generated ROI, got {len(generated_rois)} and {len(y_gen)}")
+    x_real = np.stack([roi_statistics(r) for r in real_rois])
+    x_gen = np.stack([roi_statistics(r) for r in generated_rois])
+    out = {"n_real": len(y_real), "n_generated": len(y_gen),
+           "statistics": classification_scores(y_gen, _centroid_scores(x_real, y_real, x_gen))}
+    if cnn_epochs > 0:
+        torch.manual_seed(seed)
+        net = build_roi_classifier(_volume(real_rois[0]).shape, channels)
+        train_classifier(net, real_rois, y_real.tolist(), cnn_epochs, device=device, seed=seed)
+        out["classifier"] = classification_scores(y_gen, predict_hgg(net, generated_rois, device))
     return out
