@@ -148,6 +148,9 @@ def test_cli_writes_valid_masks_on_the_source_grid_with_previews_and_counts(tmp_
     assert summary["written"] == 4 and summary["failed"] == 0
     assert summary["rejected"] == sum(c["rejected"] for c in summary["cases"].values())
     assert all((tmp_path / "aug" / "previews" / f"BraTS-GLI-0200{k}-100.png").stat().st_size > 5000 for k in range(2))
+    # two worker processes write the same files
+    M.augment_masks(src_dir, tmp_path / "aug2", n=2, seed=0, workers=2, previews=False, progress=False)
+    assert all((tmp_path / "aug2" / p.name).read_bytes() == p.read_bytes() for p in written)
     # the augmented masks feed the dataset layer as BraTS 2024 cases
     from common.generation.sources import collect_masks
 

@@ -14,6 +14,7 @@ def augment_masks(
     max_tries: int = 20,
     previews: bool = True,
     progress: bool = True,
+    workers: int = 1,
 ) -> str:
     """Write ``n`` augmentations of every mask: flips, affine and elastic deformation (MONAI, nearest), tumor
     translation and resizing inside the head, edema growth/shrinkage; each cleaned and validity-checked.
@@ -37,6 +38,8 @@ def augment_masks(
         max_tries: draws per requested mask before giving up on it (counted as failed).
         previews: write the preview pictures.
         progress: show a progress bar.
+        workers: processes sharing the masks (the files do not depend on it); a BraTS-size draw takes about
+            5-10 s on one CPU core.
     Returns:
         The path of the summary JSON.
     """
@@ -48,8 +51,8 @@ def augment_masks(
     from common.io import DataError
 
     try:
-        summary = run(masks, out, n=n, seed=seed, scheme=scheme, threshold=threshold, previews=previews, progress=progress,
-                      config=AugmentConfig(margin=margin, max_tries=max_tries))
+        summary = run(masks, out, n=n, seed=seed, scheme=scheme, threshold=threshold, previews=previews,
+                      progress=progress, workers=workers, config=AugmentConfig(margin=margin, max_tries=max_tries))
     except DataError as err:
         sys.exit(f"augment-masks: {err}")
     print(json.dumps({k: summary[k] for k in ("written", "rejected", "failed")}), file=sys.stderr)

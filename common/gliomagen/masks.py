@@ -330,87 +330,115 @@ def augmented_id(case_id: str, index: int) -> str:
     return f"{m.group(1)}AUG{_letters(index, 2)}-{m.group(2)}" if m else f"{case_id}-aug{index}"
 
 
-def load_source_masks(source, scheme: str = SCHEME, threshold: float = 0.0) -> list[dict]:
-    """Read and check every source mask -> ``[{"id", "path", "labels", "affine", "header"}]``.
+def _read_source(src: dict, scheme: str, threshold: float) -> tuple[np.ndarray, np.ndarray, object]:
+    """One source -> (6-label mask, affine, header); ``DataError`` naming the file for any input problem."""
+    from common import CONTRASTS
+
+    path = Path(src["path"])
+    data, affine, header = load_nifti(path, dtype=None)
+    data = np.asarray(data)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if src.get("item") is not None:
+        if data.ndim != 3:
+            raise DataError(path, f"not a 3-D label volume (shape {data.shape})")
+        data = to_six_label(data, [load_nifti(src["item"][c])[0] for c in CONTRASTS], scheme, threshold, path)
+    problems = input_problems(data)
+    if problems:
+        raise DataError(path, "; ".join(problems))
+    return data.astype(np.uint8), affine, header
+
+
+def find_source_masks(source, scheme: str = SCHEME, threshold: float = 0.0) -> list[dict]:
+    """Find and check every source mask -> ``[{"id", "path", "item"}]`` (no voxels kept: 2000 BraTS masks
+    would need 19 GB).
 
     ``scheme="six_label"``: ``source`` is a mask file, a folder of masks or a datalist. Any other scheme:
     ``source`` is a dataset (any layout ``common.data.layouts`` reads) and the head comes from each case's
     images (``to_six_label``). Every bad mask is reported at once (``DataError`` naming each file).
     """
-    from common import CONTRASTS
-
     if get_scheme(scheme).name == SCHEME:
         from common.generation.sources import collect_masks
 
-        sources = [(case_id, Path(path), None) for case_id, path in collect_masks(source)]
+        sources = [{"id": case_id, "path": str(path), "item": None} for case_id, path in collect_masks(source)]
     else:
         from common.data.layouts import read_layout
 
-        sources = [(it["id"], Path(it["label"]), it) for it in read_layout(source)]
-    out, errors = [], []
-    for case_id, path, item in sources:
+        sources = [{"id": it["id"], "path": str(it["label"]), "item": it} for it in read_layout(source)]
+    errors = []
+    for src in sources:
         try:
-            data, affine, header = load_nifti(path, dtype=None)
-            data = np.asarray(data)
-            if data.ndim == 4 and data.shape[-1] == 1:
-                data = data[..., 0]
-            if item is not None:
-                if data.ndim != 3:
-                    raise DataError(path, f"not a 3-D label volume (shape {data.shape})")
-                data = to_six_label(data, [load_nifti(item[c])[0] for c in CONTRASTS], scheme, threshold, path)
-            problems = input_problems(data)
-            if problems:
-                raise DataError(path, "; ".join(problems))
+            _read_source(src, scheme, threshold)
         except DataError as err:
             errors.append(err)
-            continue
-        out.append({"id": case_id, "path": str(path), "labels": data.astype(np.uint8), "affine": affine,
-                    "header": header})
     if errors:
         lines = "\n".join(f"  {e.where}: {e.problem}" for e in errors)
         raise DataError(errors[0].where if len(errors) == 1 else source,
                         f"{len(errors)} bad mask(s), nothing written:\n{lines}")
-    return out
+    return sources
+
+
+def _augment_source(task: tuple) -> dict:
+    """Augment one source and write its masks and preview (one worker's job); returns its summary record."""
+    src, out, n, seed, cfg, scheme, threshold, previews = task
+    labels, affine, header = _read_source(src, scheme, threshold)
+    masks, stats = augment_mask(labels, n, seed, src["id"], cfg)
+    names = []
+    for j, m in enumerate(masks):
+        new_id = augmented_id(src["id"], j)
+        save_nifti(m, affine, Path(out) / f"{new_id}-seg.nii.gz", header=header, dtype=np.uint8)
+        names.append(new_id)
+    if previews:
+        from common.viz import mask_center, save_montage
+
+        tumor = np.isin(labels, TUMOR)
+        panels = {"original": labels, **{f"augmented {j + 1}": m for j, m in enumerate(masks)}}
+        save_montage(panels, Path(out) / "previews" / f"{src['id']}.png", mask=tumor, affine=affine,
+                     center=mask_center(tumor, tumor.shape),
+                     title=f"{src['id']}: 6-label mask and {len(masks)} augmentation(s)")
+    return {"id": src["id"], "source": src["path"], "outputs": names, **stats}
+
+
+def _single_thread_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def augment_masks(
     source, out, n: int = 2, seed: int = 0, scheme: str = SCHEME, config: AugmentConfig | None = None,
-    previews: bool = True, progress: bool = True, threshold: float = 0.0,
+    previews: bool = True, progress: bool = True, threshold: float = 0.0, workers: int = 1,
 ) -> dict:
     """Write ``n`` augmentations of every source mask to ``out`` (``<new id>-seg.nii.gz``, 6 labels, the source's
     affine and header), a preview PNG per source (``previews/<id>.png``: original next to its augmentations,
-    original tumor outlined) and ``augment_masks.json`` (per source: outputs, draws, rejections and reasons)."""
+    original tumor outlined) and ``augment_masks.json`` (per source: outputs, draws, rejections and reasons).
+    ``workers`` processes share the sources; every draw's seed depends only on ``seed``, the case and the draw,
+    so the files are the same for any number of workers."""
     cfg = config or AugmentConfig()
     out = Path(out)
-    sources = load_source_masks(source, scheme, threshold)  # every input checked before anything is written
+    sources = find_source_masks(source, scheme, threshold)  # every input checked before anything is written
+    tasks = [(src, str(out), int(n), int(seed), cfg, scheme, threshold, previews) for src in sources]
     summary = {"n_per_mask": int(n), "seed": int(seed), "config": asdict(cfg), "scheme": SCHEME, "cases": {}}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(sources), unit="mask", desc="augment-masks")
-    try:
-        for src in sources:
-            masks, stats = augment_mask(src["labels"], n, seed, src["id"], cfg)
-            names = []
-            for j, m in enumerate(masks):
-                new_id = augmented_id(src["id"], j)
-                save_nifti(m, src["affine"], out / f"{new_id}-seg.nii.gz", header=src["header"], dtype=np.uint8)
-                names.append(new_id)
-            if previews:
-                from common.viz import mask_center, save_montage
-
-                tumor = np.isin(src["labels"], TUMOR)
-                panels = {"original": src["labels"], **{f"augmented {j + 1}": m for j, m in enumerate(masks)}}
-                save_montage(panels, out / "previews" / f"{src['id']}.png", mask=tumor, affine=src["affine"],
-                             center=mask_center(tumor, tumor.shape),
-                             title=f"{src['id']}: 6-label mask and {len(masks)} augmentation(s)")
-            summary["cases"][src["id"]] = {"source": src["path"], "outputs": names, **stats}
-            if bar is not None:
+    records = []
+    with tqdm(total=len(tasks), unit="mask", desc="augment-masks", disable=not progress) as bar:
+        if int(workers) <= 1:
+            for task in tasks:
+                records.append(_augment_source(task))
                 bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+            with ProcessPoolExecutor(max_workers=int(workers), mp_context=ctx,
+                                     initializer=_single_thread_worker) as pool:
+                for future in as_completed([pool.submit(_augment_source, t) for t in tasks]):
+                    records.append(future.result())
+                    bar.update(1)
+    for rec in sorted(records, key=lambda r: r["id"]):
+        summary["cases"][rec.pop("id")] = rec
     cases = summary["cases"].values()
     summary.update(written=sum(len(c["outputs"]) for c in cases), rejected=sum(c["rejected"] for c in cases),
                    failed=sum(c["failed"] for c in cases))
