@@ -95,6 +95,13 @@ def test_generate_rois_and_outputs(tiny, tmp_path):
     volume, affine, _ = load_nifti(out / manifest["samples"][0]["file"])
     assert volume.shape == (16, 16, 16) and np.allclose(np.diag(affine)[:3], 1.5)
     assert (out / "montage.png").stat().st_size > 0
+    from common.vqgan_transformer.sampling import save_real_vs_generated
+
+    picture = save_real_vs_generated({"LGG": result["images"][:2], "HGG": result["images"][2:]},
+                                     {"LGG": result["images"][:1], "HGG": single["images"]}, tmp_path / "cmp.png")
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(picture).shape[1] > 1000  # six panels side by side
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -27,7 +27,8 @@ from common.engines.distributed import unwrap
 from common.io import DataError, save_json, save_nifti
 from common.vqgan_transformer.networks import CLASSES
 
-__all__ = ["parse_classes", "maskgit_decode", "raster_decode", "generate_rois", "save_rois", "METHODS"]
+__all__ = ["parse_classes", "maskgit_decode", "raster_decode", "generate_rois", "save_rois", "save_real_vs_generated",
+           "METHODS"]
 
 METHODS = ("maskgit", "raster")
 
@@ -218,3 +219,22 @@ def save_rois(result: dict, out_dir, spacing: Sequence[float] = (1.0, 1.0, 1.0),
                "network_passes": result["network_passes"], "seconds": result["seconds"], "samples": entries},
               out / "manifest.json")
     return out
+
+
+def save_real_vs_generated(real: dict, generated: dict, path, per_class: int = 2, title: str | None = None) -> Path:
+    """Real and generated ROIs of each class side by side (middle slices through the ROI centre, where the
+    tumour is): ``real``/``generated`` map a class name to ROIs ``[1, *spatial]`` or ``[*spatial]``."""
+    from common.viz import save_montage
+
+    def plain(v):
+        v = np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
+        return v[0] if v.ndim == 4 else v
+
+    panels = {}
+    for cls in CLASSES:
+        for kind, source in (("real", real), ("generated", generated)):
+            for i, volume in enumerate(list(source.get(cls, []))[:per_class]):
+                panels[f"{kind} {cls} {i + 1}"] = plain(volume)
+    if not panels:
+        raise ValueError("no ROIs to draw")
+    return save_montage(panels, path, title=title or "real vs generated tumour ROIs")
