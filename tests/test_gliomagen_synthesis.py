@@ -188,6 +188,7 @@ def test_quality_score_ranks_mask_following_images_first(tmp_path):
                           {"id": "c", "quality": None}, {"id": "d", "quality": s_ignored}]}
     assert syn.select_high_quality(manifest, 0.5) == ["b", "a"]
     assert syn.select_high_quality(manifest, 1.0) == ["b", "a", "d", "c"]
+    assert syn.select_high_quality(manifest, count=3) == ["b", "a", "d"]
     with pytest.raises(DataError):
         syn.select_high_quality(manifest, 0)
 

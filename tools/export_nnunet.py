@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-def _hq_ids(folders, fraction: float) -> list[str]:
-    """The best ``fraction`` of the synthetic cases of every given synthesis folder (their manifests' quality)."""
+def _hq_ids(folders, fraction: float, count: int | None = None) -> list[str]:
+    """The best ``fraction`` (or ``count``) of the synthetic cases of the given synthesis folders (by the quality
+    score in their manifests)."""
     import json
     from pathlib import Path
 
@@ -18,7 +19,7 @@ def _hq_ids(folders, fraction: float) -> list[str]:
             raise DataError(path, "no synthesis manifest: the high-quality subset needs the folder written by "
                                   "`python -m tools synthesize`")
         cases += json.loads(path.read_text())["cases"]
-    return select_high_quality({"cases": cases}, fraction)
+    return select_high_quality({"cases": cases}, fraction, count=count)
 
 
 def export_nnunet(
@@ -30,6 +31,7 @@ def export_nnunet(
     configs: str = "all",
     dataset_id: int = 501,
     hq_fraction: float = 0.5,
+    hq_count: int | None = None,
     seed: int = 0,
     mode: str = "copy",
     verify: bool = False,
@@ -50,7 +52,8 @@ def export_nnunet(
             and ``labelsTs`` (the references for ``score-segmentation``).
         configs: ``all`` or a comma-separated list of the configurations above.
         dataset_id: nnU-Net id of the first dataset.
-        hq_fraction: share of the synthetic cases kept as the high-quality subset.
+        hq_fraction: share of the synthetic cases (both folders together) kept as the high-quality subset.
+        hq_count: size of the high-quality subset instead (the paper's HQS: 598).
         seed: seed of the random half of the real cases.
         mode: copy | symlink the image files.
         verify: run nnU-Net's own integrity check on every export (needs requirements-nnunet.txt).
@@ -80,7 +83,7 @@ def export_nnunet(
 
         syn_folders = [f for f in (synthetic, augmented) if f]
         needs_hq = any("hq" in c for c in wanted)
-        hq = _hq_ids(syn_folders, hq_fraction) if needs_hq and syn_folders else []
+        hq = _hq_ids(syn_folders, hq_fraction, hq_count) if needs_hq and syn_folders else []
         groups = paper_configurations(items(real), items(synthetic), items(augmented), hq, seed)
         written = []
         for config in (c for c in wanted if c in groups):

@@ -133,10 +133,15 @@ def mask_agreement_score(
     return float(np.mean(scores)) if scores else None
 
 
-def select_high_quality(manifest: Mapping | str | os.PathLike, fraction: float, key: str = "quality") -> list[str]:
-    """Ids of the best ``fraction`` of the manifest's cases by ``key`` (ties by id; unscored cases last)."""
+def select_high_quality(
+    manifest: Mapping | str | os.PathLike, fraction: float = 1.0, key: str = "quality", count: int | None = None
+) -> list[str]:
+    """Ids of the best ``fraction`` (or the best ``count``) of the manifest's cases by ``key`` (ties by id;
+    unscored cases last)."""
     if not 0 < float(fraction) <= 1:
         raise DataError("fraction", f"{fraction!r} must be in (0, 1]")
+    if count is not None and int(count) < 1:
+        raise DataError("count", f"{count!r} must be >= 1")
     if not isinstance(manifest, Mapping):
         path = Path(manifest)
         if path.is_dir():
@@ -149,7 +154,7 @@ def select_high_quality(manifest: Mapping | str | os.PathLike, fraction: float, 
     if not cases:
         return []
     ranked = sorted(cases, key=lambda c: (c.get(key) is None, -(c.get(key) or 0.0), c["id"]))
-    keep = max(1, int(np.ceil(float(fraction) * len(ranked))))
+    keep = int(count) if count is not None else max(1, int(np.ceil(float(fraction) * len(ranked))))
     return [c["id"] for c in ranked[:keep]]
 
 
