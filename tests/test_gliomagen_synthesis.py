@@ -226,3 +226,21 @@ def test_cli_synthesize_with_a_generator_path(tmp_path):
     bad = subprocess.run(cmd[:-4] + ["--generator", "no_such_module:f"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0 and "--generator" in bad.stderr
+
+
+def test_torchrun_ranks_split_the_masks(tmp_path):
+    _write_masks(tmp_path / "masks", 5)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this python")
+    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "tools", "synthesize", "--masks",
+                          str(tmp_path / "masks"), "--out", str(tmp_path / "out"), "--generator",
+                          "tests.test_gliomagen_synthesis:fake_generator", "--progress", "False"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifest = json.loads((tmp_path / "out" / syn.MANIFEST).read_text())
+    assert manifest["complete"] and manifest["n_cases"] == 5
+    assert {c["shard"] for c in manifest["cases"]} == {"0/2", "1/2"}
+    clean = syn.synthesize_dataset(_write_masks(tmp_path / "masks", 5), fake_generate_case, tmp_path / "one",
+                                   progress=False, distributed=False)
+    assert clean["generated"] == 5 and _files(tmp_path / "out") == _files(tmp_path / "one")
