@@ -205,7 +205,7 @@ def _clean_partials(out_dir: Path, ids: set[str]) -> int:
     removed = 0
     if partial.is_dir():
         for p in partial.iterdir():
-            if p.name.split(".")[0] in ids:
+            if p.name.rsplit(".", 2)[0] in ids:  # <id>.<pid>.<token>
                 shutil.rmtree(p, ignore_errors=True)
                 removed += 1
     return removed
@@ -334,23 +334,26 @@ def synthesize_dataset(
             s = case_seed(case, seed)
             volumes = _check_volumes(case, generate_case(case, s), contrasts)
             work = partial / f"{case['id']}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-            folder = Path(writer(work, case, volumes))
-            score = None
-            if quality is not None and case.get("mask") is not None:
-                score = quality(volumes, case["mask"], case["scheme"])
-            record = {
-                "id": case["id"],
-                "seed": s,
-                "source": str(case.get("label") or ""),
-                "files": sorted(str(Path(case["id"]) / p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()),
-                "quality": score,
-                "seconds": round(time.perf_counter() - t0, 3),
-                "shard": f"{index}/{count}",
-            }
-            record.update({k: case[k] for k in ("grade", "kind", "source_id") if k in case})
-            save_json(record, records / f"{case['id']}.json")
-            os.rename(folder, out_dir / case["id"])  # the commit point: one atomic rename
-            shutil.rmtree(work, ignore_errors=True)
+            try:
+                folder = Path(writer(work, case, volumes))
+                score = None
+                if quality is not None and case.get("mask") is not None:
+                    score = quality(volumes, case["mask"], case["scheme"])
+                record = {
+                    "id": case["id"],
+                    "seed": s,
+                    "source": str(case.get("label") or ""),
+                    "files": sorted(str(Path(case["id"]) / p.relative_to(folder)) for p in folder.rglob("*")
+                                    if p.is_file()),
+                    "quality": score,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "shard": f"{index}/{count}",
+                }
+                record.update({k: case[k] for k in ("grade", "kind", "source_id") if k in case})
+                save_json(record, records / f"{case['id']}.json")
+                os.rename(folder, out_dir / case["id"])  # the commit point: one atomic rename
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
             if bar is not None:
                 bar.update(1)
     finally:
