@@ -117,3 +117,26 @@ def test_generate_rois_bad_input(tiny, kwargs, match):
     with pytest.raises(DataError, match=match):
         generate_rois(vqgan, transformer, progress=False, **args)
     assert parse_classes("both", 1) == [0, 1]
+
+
+def test_precomputed_tokens_give_the_same_step(tiny):
+    from common.vqgan_transformer.trainer import precompute_tokens
+
+    vqgan, _ = tiny
+    x = torch.randn(4, 1, 16, 16, 16, generator=torch.Generator().manual_seed(5))
+    items = [{"image": x[i], "class": torch.tensor(i % 2)} for i in range(4)]
+    pre = precompute_tokens(vqgan, items, batch_size=3)
+    assert pre[0]["tokens"].shape == (4, 4, 4) and pre[0]["importance"].shape == (4, 4, 4)
+    on_the_fly = {"image": x, "class": torch.tensor([0, 1, 0, 1])}
+    cached = {"tokens": torch.stack([p["tokens"] for p in pre]), "importance": torch.stack([p["importance"] for p in pre]),
+              "class": torch.tensor([0, 1, 0, 1])}
+    losses = []
+    for batch in (on_the_fly, cached):
+        torch.manual_seed(3)
+        transformer = build_transformer(num_embeddings=K, grid_size=(4, 4, 4), hidden_size=32, num_layers=1,
+                                        num_heads=4, dropout=0.0)
+        trainer = MaskedTransformerTrainer("cpu", 1, [batch], transformer,
+                                           torch.optim.SGD(transformer.parameters(), 0.1), vqgan, HybridMasking(K))
+        trainer.run()
+        losses.append(trainer.state.output["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -4,6 +4,9 @@ Each iteration: ROIs -> (codes, importance) with the frozen :class:`ImportanceVQ
 ``network(inputs, class_labels, drop_condition=...)`` -> cross-entropy on the ``[MASK]`` and replaced positions.
 Condition dropout (``condition_dropout``) trains the null class used by classifier-free guidance.
 
+Stage 1 is frozen and the paper's ROIs are not augmented, so the codes and scores of each ROI can be computed
+once (:func:`precompute_tokens`): batches holding ``tokens`` and ``importance`` skip the VQGAN.
+
 Output keys: ``loss``, ``masked_accuracy`` (argmax = true code on the loss positions), ``mask_fraction``,
 ``grad_norm`` (with clipping) and the tensors ``image``, ``pred`` (argmax codes), ``tokens``.
 """
@@ -19,7 +22,25 @@ from common.engines.base import GenerativeTrainer
 from common.engines.distributed import unwrap
 from common.vqgan_transformer.masking import HybridMasking
 
-__all__ = ["MaskedTransformerTrainer"]
+__all__ = ["MaskedTransformerTrainer", "precompute_tokens"]
+
+
+@torch.no_grad()
+def precompute_tokens(vqgan: torch.nn.Module, items: Iterable[dict], image_key: str = "image",
+                      batch_size: int = 4, device=None) -> list[dict]:
+    """Each item (a dict with ``image_key`` [C, *spatial]) plus ``tokens`` [*grid] and ``importance`` [*grid]
+    from the frozen VQGAN (CPU tensors), for stage-2 training without a VQGAN pass per iteration."""
+    net = unwrap(vqgan).eval()
+    device = device or next(net.parameters()).device
+    items = list(items)
+    out = []
+    for start in range(0, len(items), int(batch_size)):
+        chunk = items[start:start + int(batch_size)]
+        images = torch.stack([torch.as_tensor(d[image_key]).float() for d in chunk]).to(device)
+        tokens, importance = net.tokens(images)
+        for d, t, s in zip(chunk, tokens.cpu(), importance.float().cpu()):
+            out.append({**d, "tokens": t, "importance": s})
+    return out
 
 
 class MaskedTransformerTrainer(GenerativeTrainer):
@@ -31,6 +52,7 @@ class MaskedTransformerTrainer(GenerativeTrainer):
         vqgan: the trained stage-1 :class:`ImportanceVQGAN` (frozen here, kept in checkpoints).
         masking: a :class:`HybridMasking` (its ``num_embeddings`` must match the codebook).
         image_key, class_key: batch keys of the ROIs and of the class index (``CLASSES``: LGG 0, HGG 1).
+        token_key, importance_key: batch keys of precomputed codes and scores (used when both are present).
         condition_dropout: probability per sample of training with the null class instead.
         label_smoothing: of the cross-entropy.
     """
@@ -46,6 +68,8 @@ class MaskedTransformerTrainer(GenerativeTrainer):
         masking: HybridMasking,
         image_key: str = "image",
         class_key: str = "class",
+        token_key: str = "tokens",
+        importance_key: str = "importance",
         condition_dropout: float = 0.1,
         label_smoothing: float = 0.0,
         amp: str | None = None,
@@ -70,6 +94,8 @@ class MaskedTransformerTrainer(GenerativeTrainer):
         self.masking = masking
         self.image_key = image_key
         self.class_key = class_key
+        self.token_key = token_key
+        self.importance_key = importance_key
         self.condition_dropout = float(condition_dropout)
         self.label_smoothing = float(label_smoothing)
         self.scaler = self._make_scaler()
@@ -85,11 +111,16 @@ class MaskedTransformerTrainer(GenerativeTrainer):
         return torch.as_tensor(batchdata[key]).to(self.state.device, non_blocking=self.non_blocking)
 
     def _train_step(self, batchdata: dict) -> dict:
-        images = self._get(batchdata, self.image_key).float()
         labels = self._get(batchdata, self.class_key).long().reshape(-1)
-        self.vqgan.eval()
-        with self.autocast():
-            tokens, importance = unwrap(self.vqgan).tokens(images)
+        if isinstance(batchdata, dict) and self.token_key in batchdata and self.importance_key in batchdata:
+            tokens = self._get(batchdata, self.token_key).long()
+            importance = self._get(batchdata, self.importance_key).float()
+            images = batchdata.get(self.image_key, tokens)
+        else:
+            images = self._get(batchdata, self.image_key).float()
+            self.vqgan.eval()
+            with self.autocast():
+                tokens, importance = unwrap(self.vqgan).tokens(images)
         masked = self.masking(tokens, importance.float())
         targets = masked.targets
         flat = tokens.reshape(tokens.shape[0], -1)
