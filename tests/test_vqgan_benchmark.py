@@ -28,7 +28,8 @@ def test_training_suite_fp32_and_bf16(one_torch_thread):
     out = train(ctx)
     rows = [(r["group"], r["variant"]) for r in out["results"] if "seconds" in r]
     assert rows == [("vqgan_iteration", "fp32"), ("vqgan_iteration", "bf16"),
-                    ("transformer_iteration", "fp32"), ("transformer_iteration", "bf16")], out["results"]
+                    ("transformer_iteration", "fp32"), ("transformer_iteration", "bf16"),
+                    ("transformer_iteration", "fp32, codes precomputed")], out["results"]
     assert out["tokens"] == 64
 
 

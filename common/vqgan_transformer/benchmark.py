@@ -8,7 +8,8 @@
 * :func:`train` -- seconds per training iteration of stage 1 (the shared ``AdversarialTrainer`` with the
   paper's terms except the perceptual one, which needs pretrained weights: L1, commitment, LGG/HGG
   cross-entropy, hinge adversarial with adaptive weight, feature matching) and of stage 2
-  (:class:`MaskedTransformerTrainer`), fp32 against bf16 autocast (and fp16 on CUDA).
+  (:class:`MaskedTransformerTrainer`), fp32 against bf16 autocast (and fp16 on CUDA); stage 2 also with the
+  codes precomputed once (``precompute_tokens``) instead of a frozen-VQGAN pass per iteration.
 
 Sizes: ``paper`` = 128^3 ROIs, 4 levels to 8^3 tokens, 1024 x 128 codebook, transformer 24 x 16 heads x 1024;
 ``demo`` = 64^3 ROIs, 3 levels to the same 8^3 grid (so the decoders compare on the paper's 512 tokens) with
@@ -193,6 +194,20 @@ def train(ctx: BenchmarkContext) -> dict:
                 vqgan, HybridMasking(s["num_embeddings"], topk_ratio=0.25), amp=amp)
 
         results.append(_run_trainer(ctx, stage2, "transformer_iteration", name, iterations))
+    ctx.log("vqgan_train: stage 2 fp32, codes precomputed")
+    batch = {"image": _rois(s["transformer_batch_size"], s, device),
+             "class": torch.arange(s["transformer_batch_size"]) % 2}
+
+    def stage2_cached(batch=batch):
+        torch.manual_seed(0)
+        vqgan, transformer = _networks(s, device)
+        tokens, importance = vqgan.eval().tokens(batch["image"])
+        cached = {"tokens": tokens, "importance": importance, "class": batch["class"]}
+        return MaskedTransformerTrainer(
+            device, 1, [cached] * iterations, transformer, torch.optim.AdamW(transformer.parameters(), 1e-4),
+            vqgan, HybridMasking(s["num_embeddings"], topk_ratio=0.25))
+
+    results.append(_run_trainer(ctx, stage2_cached, "transformer_iteration", "fp32, codes precomputed", iterations))
     if device.type == "cpu":
         results.append(skipped("vqgan_iteration", "fp16", "fp16 autocast needs CUDA"))
     notes = [f"stage 1 batch {s['batch_size']} ROIs of {s['roi_size']}^3, stage 2 batch {s['transformer_batch_size']}; "
