@@ -142,8 +142,11 @@ def scatter_plot(reports: Mapping[str, Mapping], path: str | os.PathLike, title:
             if pts:
                 x, y = np.asarray(pts).T
                 ax.scatter(x, y, s=18, alpha=0.8)
-                lo = float(min(x.min(), y.min(), 0.0))
-                ax.plot([lo, 1], [lo, 1], "k--", lw=0.8)
+                lo = max(-1.0, float(min(x.min(), y.min())) - 0.05)  # zoom on the scans, diagonal across
+                hi = min(1.0, float(max(x.max(), y.max())) + 0.02)
+                ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+                ax.set_xlim(lo, hi)
+                ax.set_ylim(lo, hi)
                 stats = reports[name]["summary"].get(metric, {})
                 pm, im = stats.get("predicted", {}), stats.get("input", {})
                 ax.set_title(f"{name}: {where}\npredicted {pm.get('mean', 0):.3f} ± {pm.get('std', 0):.3f}, "
