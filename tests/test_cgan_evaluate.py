@@ -70,3 +70,20 @@ def test_score_generator_in_memory(items, one_torch_thread):
     report = score_generator(build_generator(1, "demo"), items[:2], ("t2w",), "t2f", spatial_size=(64, 64))
     assert report["n_scans"] == 2
     assert -1 <= report["summary"]["ssim_brain"]["predicted"]["mean"] <= 1
+
+
+def test_evaluate_imputed_datasets_against_a_datalist(phantom_root, tmp_path, one_torch_thread):
+    from common.cgan_imputation.evaluate import evaluate_imputed
+    from common.cgan_imputation.impute import impute_dataset
+    from common.data import build_datalist
+
+    build_datalist(phantom_root, tmp_path / "datalist.json", folds=3, progress=False)
+    torch.manual_seed(0)
+    impute_dataset(phantom_root, build_generator(1, "demo"), "t2w", "t2f", output=tmp_path / "imputed",
+                   spatial_size=(64, 64), progress=False)
+    out = evaluate_imputed(tmp_path / "datalist.json", {"demo": tmp_path / "imputed"}, "t2w", "t2f", tmp_path / "eval")
+    n_val = len(json.loads((tmp_path / "datalist.json").read_text())["validation"])
+    assert out["reports"]["demo"]["n_scans"] == n_val >= 1
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["title"] == "t2w -> t2f"
+    # the acquired FLAIRs were left alone: imputation went into the copy
+    assert not list(phantom_root.rglob("*-t2f.json"))

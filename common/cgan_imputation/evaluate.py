@@ -171,3 +171,15 @@ def write_report(reports: Mapping[str, Mapping], out_dir: str | os.PathLike, tit
     json_path = save_json({"title": title, "models": dict(reports)}, out_dir / "evaluation.json")
     png = scatter_plot(reports, out_dir / "ssim_scatter.png", title)
     return {"json": str(json_path), "scatter": str(png)}
+
+
+def evaluate_imputed(datalist: str | os.PathLike, predicted: Mapping[str, str | os.PathLike], source: str, target: str,
+                     out_dir: str | os.PathLike, section: str = "validation", title: str | None = None) -> dict:
+    """What a bundle's evaluate config calls: the real cases of ``section`` of a datalist against one imputed
+    dataset per model (``{"without mask loss": dir, "with mask loss": dir}``) -> report JSON + scatter PNG."""
+    from common.data.datalist import load_datalist
+
+    items = load_datalist(datalist, section)
+    reports = {name: evaluate_scans(pair_cases(items, folder, source, target)) for name, folder in predicted.items()}
+    paths = write_report(reports, out_dir, title or f"{source} -> {target}")
+    return {"reports": reports, **paths}
