@@ -106,13 +106,14 @@ def impute_volume(generator: torch.nn.Module, source, brain=None, batch: int = 1
     mask = (src != 0).any(0) if brain is None else torch.as_tensor(np.asarray(brain)).bool()
     if mask.shape != src.shape[1:]:
         raise ValueError(f"brain mask shape {tuple(mask.shape)} differs from the source's {tuple(src.shape[1:])}")
-    slices = src.movedim(axis + 1, 0)  # (N, S, H, W)
+    slices = src.movedim(axis + 1, 0).to(device)  # (N, S, H, W); one transfer per volume, not per batch
     h, w = slices.shape[2:]
     # slices without brain come out as zeros anyway (the output is masked): skip them
     keep = mask.movedim(axis, 0).flatten(1).any(1).nonzero()[:, 0] if skip_empty else torch.arange(slices.shape[0])
     multiple = getattr(generator, "multiple", 4)
     (t, b), (l, r) = _pad_amounts(h, spatial_size[0], multiple), _pad_amounts(w, spatial_size[1], multiple)
-    out = torch.zeros((slices.shape[0], h, w), dtype=torch.float32)
+    out = torch.zeros((slices.shape[0], h, w), dtype=torch.float32, device=device)
+    keep = keep.to(device)
     was_training = generator.training
     generator.eval()
     try:
@@ -121,10 +122,10 @@ def impute_volume(generator: torch.nn.Module, source, brain=None, batch: int = 1
             x = F.pad(slices[idx], (l, r, t, b)).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 y = generator(x)
-            out[idx] = y[:, 0, t:t + h, l:l + w].float().cpu()
+            out[idx] = y[:, 0, t:t + h, l:l + w].float()
     finally:
         generator.train(was_training)
-    volume = out.movedim(0, axis).clamp_(0, 1)
+    volume = out.movedim(0, axis).clamp_(0, 1).cpu()
     return (volume * mask).numpy().astype(np.float32)
 
 
