@@ -39,12 +39,6 @@ NECESSARY = ("configs/metadata.json", "LICENSE")
 PREFERRED = ("models/model.pt", "configs/inference.json", "docs/README.md", "large_files.yml")
 
 KNOWN_GAPS = {
-    ("brats_mri_ldm3d", "inference_properties"):
-        "inference.json lacks the inference workflow's required ids dataset_dir, dataset and evaluator "
-        "(create_workflow(workflow_type='inference').check_properties() raises KeyError 'dataset_dir')",
-    ("brats_mri_ldm3d", "net_in_out:network"):
-        "network_data_format names its first input 'latent', MONAI looks for 'image'; the UNet forward also needs "
-        "'timesteps' and the mask condition passed by their forward names",
     ("brats_mri_ldm3d", "net_in_out:autoencoder"):
         "autoencoder_data_format has no 'pred' output and autoencoder_def's forward returns a tuple "
         "(reconstruction, z_mu, z_sigma), not one tensor",

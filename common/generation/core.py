@@ -6,7 +6,7 @@ import time
 
 import torch
 
-__all__ = ["generate"]
+__all__ = ["GenerationRun", "generate"]
 
 
 def generate(network, inferer, source, writer, device: torch.device | str = "cpu", progress: bool = True) -> list[dict]:
@@ -33,3 +33,16 @@ def generate(network, inferer, source, writer, device: torch.device | str = "cpu
     settings = inferer.describe() if hasattr(inferer, "describe") else {}
     writer.finish(records, settings)
     return records
+
+
+class GenerationRun:
+    """:func:`generate` as an object with ``run()``: the inference workflow's ``evaluator`` in a bundle config
+    (MONAI's inference properties ask for ``dataset`` and ``evaluator``; for a generator they are the condition
+    source and this)."""
+
+    def __init__(self, network, inferer, source, writer, device: torch.device | str = "cpu", progress: bool = True):
+        self.network, self.inferer, self.source, self.writer = network, inferer, source, writer
+        self.device, self.progress = device, progress
+
+    def run(self) -> list[dict]:
+        return generate(self.network, self.inferer, self.source, self.writer, self.device, self.progress)

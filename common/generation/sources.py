@@ -88,8 +88,8 @@ def load_mask(
 
 class MaskSource:
     """Tumor masks as conditions: a mask NIfTI, a folder of masks or a datalist JSON (``label`` entries of
-    ``section``). Every mask is read and checked when the source is built, before the first sample is drawn,
-    so a bad input stops the run with a clear error and no output at all.
+    ``section``). Every mask is read and checked on first use (``len``), before the first sample is drawn, so a
+    bad input stops the run with a clear error and no output at all.
 
     ``label_scheme``: the masks' label convention (default: the datalist's, else brats2023); masks are converted
     to ``condition_scheme`` (what the network was trained on). ``spatial_size``: the model grid the masks must be on.
@@ -103,27 +103,42 @@ class MaskSource:
         condition_scheme: str = "brats2023",
         section: str | Sequence[str] = ("validation",),
     ):
-        source = Path(str(input))
-        if not str(input) or str(input) == ".":
-            raise DataError("input", "no mask input given: set it to a mask NIfTI, a folder of masks or a datalist JSON")
-        if label_scheme is None:
-            label_scheme = "brats2023"
+        # read on first use (len or iteration): a workflow can be built, and its properties checked, before
+        # the user has said which masks to generate from
+        self.input, self.spatial_size, self.section = input, spatial_size, section
+        self.label_scheme, self.condition_scheme = label_scheme, condition_scheme
+        self._items: list[dict] | None = None
+
+    @property
+    def items(self) -> list[dict]:
+        if self._items is None:
+            self._items = self._load()
+        return self._items
+
+    def _load(self) -> list[dict]:
+        source = Path(str(self.input))
+        if not str(self.input) or str(self.input) == ".":
+            raise DataError("input", "no mask input given: set --input to a mask NIfTI, a folder of masks or a "
+                                     "datalist JSON")
+        if self.label_scheme is None:
+            self.label_scheme = "brats2023"
             if source.name.endswith(".json") and source.is_file():
                 from common.data.datalist import datalist_info
 
-                label_scheme = datalist_info(source).get("label_scheme", "brats2023")
-        self.label_scheme, self.condition_scheme = label_scheme, condition_scheme
-        masks = collect_masks(source, section)
+                self.label_scheme = datalist_info(source).get("label_scheme", "brats2023")
+        masks = collect_masks(source, self.section)
         seen: dict[str, Path] = {}
         for case_id, path in masks:
             if case_id in seen:
                 raise DataError(path, f"gives the same case id {case_id!r} as {seen[case_id]}: their outputs would "
                                       "overwrite each other; rename one of them")
             seen[case_id] = path
-        self.items = []
+        items = []
         for case_id, path in masks:
-            labels, affine, header = load_mask(path, spatial_size, label_scheme, to_scheme=condition_scheme)
-            self.items.append({"id": case_id, "path": str(path), "labels": labels, "affine": affine, "header": header})
+            labels, affine, header = load_mask(path, self.spatial_size, self.label_scheme,
+                                               to_scheme=self.condition_scheme)
+            items.append({"id": case_id, "path": str(path), "labels": labels, "affine": affine, "header": header})
+        return items
 
     def __len__(self) -> int:
         return len(self.items)
