@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -93,6 +93,7 @@ class MaskSource:
 
     ``label_scheme``: the masks' label convention (default: the datalist's, else brats2023); masks are converted
     to ``condition_scheme`` (what the network was trained on). ``spatial_size``: the model grid the masks must be on.
+    ``validate``: a method's own check of a converted mask, ``labels -> [problems]`` (empty: valid).
     """
 
     def __init__(
@@ -102,11 +103,13 @@ class MaskSource:
         label_scheme: str | None = None,
         condition_scheme: str = "brats2023",
         section: str | Sequence[str] = ("validation",),
+        validate: Callable[[np.ndarray], list[str]] | None = None,
     ):
         # read on first use (len or iteration): a workflow can be built, and its properties checked, before
         # the user has said which masks to generate from
         self.input, self.spatial_size, self.section = input, spatial_size, section
         self.label_scheme, self.condition_scheme = label_scheme, condition_scheme
+        self.validate = validate
         self._items: list[dict] | None = None
 
     @property
@@ -137,6 +140,9 @@ class MaskSource:
         for case_id, path in masks:
             labels, affine, header = load_mask(path, self.spatial_size, self.label_scheme,
                                                to_scheme=self.condition_scheme)
+            problems = self.validate(labels) if self.validate is not None else []
+            if problems:
+                raise DataError(path, "; ".join(problems))
             items.append({"id": case_id, "path": str(path), "labels": labels, "affine": affine, "header": header})
         return items
 
