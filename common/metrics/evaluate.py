@@ -251,6 +251,7 @@ def _score_unit(unit: tuple[str, int], plan: Plan, config: EvalConfig, extractor
     item = (plan.real_items if kind == "real" else plan.synth_items)[index]
     record["id"] = str(item["id"])
     real_by_id = {it["id"]: it for it in plan.real_items} if kind == "synth" else {}
+    lesions: dict[str, Any] = {}  # the label is read once per case (shared by the contrasts)
     for contrast in plan.contrasts:
         if not item.get(contrast):
             continue
@@ -258,26 +259,30 @@ def _score_unit(unit: tuple[str, int], plan: Plan, config: EvalConfig, extractor
         out: dict[str, Any] = {}
         if extractor is not None:
             out["features"] = _features(item, contrast, vol, extractor, cache)
-        brain = None
+        brain, norm = None, None
         if kind == "synth":
             real_item = real_by_id.get(condition_of(item))
             if real_item is not None and real_item.get(contrast):
                 real_vol, _ = load_volume(real_item, contrast)
                 if real_vol.shape == vol.shape:
                     brain = real_vol != 0
-                    mask_item = item if item.get("label") else real_item
-                    lesion = (lesion_mask(load_volume(mask_item, "label")[0], config.label_scheme)
-                              if mask_item.get("label") else None)
-                    out["paired"] = similarity.paired_scores(vol, real_vol, brain, lesion, config.percentiles,
-                                                             config.ssim)
+                    if "label" not in lesions:
+                        mask_item = item if item.get("label") else real_item
+                        lesions["label"] = (lesion_mask(load_volume(mask_item, "label")[0], config.label_scheme)
+                                            if mask_item.get("label") else None)
+                    lesion = lesions["label"] if lesions["label"] is not None and \
+                        lesions["label"].shape == vol.shape else None
+                    # each image normalised once (on the real brain) for SSIM/PSNR/MAE, MS-SSIM, MMD, histograms
+                    norm = similarity.percentile_normalise(vol, brain, config.percentiles)
+                    real_norm = similarity.percentile_normalise(real_vol, brain, config.percentiles)
+                    out["paired"] = similarity.normalised_paired_scores(norm, real_norm, brain, lesion, config.ssim)
                     settings = similarity.ms_ssim_option(config.ms_ssim, vol.shape)
-                    out["fidelity"] = similarity.ms_ssim(
-                        similarity.percentile_normalise(vol, brain, config.percentiles),
-                        similarity.percentile_normalise(real_vol, brain, config.percentiles), settings=settings)
+                    out["fidelity"] = similarity.ms_ssim(norm, real_norm, settings=settings)
                     out["fidelity_settings"] = settings
                 else:
                     out["unpaired"] = f"{item['id']} {vol.shape} vs {real_item['id']} {real_vol.shape}"
-        norm = similarity.percentile_normalise(vol, brain, config.percentiles)
+        if norm is None:
+            norm = similarity.percentile_normalise(vol, brain, config.percentiles)
         out["small"] = _resample(norm, config.mmd_grid)
         out["hist"] = torch.as_tensor(report.sample_values(norm, brain if brain is not None else vol != 0, limit, rng))
         record["contrasts"][contrast] = out

@@ -143,7 +143,8 @@ def ssim_regions(pred, target, masks: dict, data_range: float = 1.0, option: str
     out = {}
     for name, mask in masks.items():
         m = crop_valid(torch.as_tensor(as_bool_mask(mask, np.shape(pred)))[None, None].to(device), o["kernel_size"])
-        out[name] = float(smap[m].double().mean()) if m.any() else float("nan")
+        count = int(m.sum())
+        out[name] = float(torch.where(m, smap, 0).sum(dtype=torch.float64)) / count if count else float("nan")
     return out
 
 
@@ -179,10 +180,16 @@ def paired_scores(synthetic, real, brain_mask=None, lesion_mask=None, percentile
     brain = as_bool_mask(brain_mask, real.shape, "brain mask") if brain_mask is not None else real != 0
     s = percentile_normalise(synthetic, brain, percentiles)
     r = percentile_normalise(real, brain, percentiles)
+    return normalised_paired_scores(s, r, brain, lesion_mask, ssim_option_name, device)
+
+
+def normalised_paired_scores(s, r, brain, lesion_mask=None, ssim_option_name: str = "standard", device=None) -> dict:
+    """``paired_scores`` of images already normalised to [0, 1] (each image is normalised once per evaluation)."""
+    brain = as_bool_mask(brain, r.shape, "brain mask")
     regions = {"brain": brain}
     lesion = None
     if lesion_mask is not None:
-        lesion = as_bool_mask(lesion_mask, real.shape, "lesion mask")
+        lesion = as_bool_mask(lesion_mask, r.shape, "lesion mask")
         if lesion.any():
             regions["lesion"] = lesion
     ssims = ssim_regions(s, r, regions, option=ssim_option_name, device=device)
