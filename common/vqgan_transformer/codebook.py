@@ -65,10 +65,11 @@ class CodebookHealth:
         interval: iterations per usage/perplexity window (also the logging interval).
         dead_after: a code unused for this many iterations is restarted; ``None`` disables restarts.
         seed: seed of the choice of replacement vectors.
+        noise: relative noise added to each replacement vector (two codes restarted from one vector separate).
     """
 
     def __init__(self, network, interval: int = 50, dead_after: int | None = 200, seed: int = 0,
-                 prefix: str = "codebook_"):
+                 noise: float = 0.01, prefix: str = "codebook_"):
         if int(interval) < 1:
             raise ValueError(f"interval must be >= 1, got {interval}")
         if dead_after is not None and int(dead_after) < 1:
@@ -77,6 +78,7 @@ class CodebookHealth:
         self.interval = int(interval)
         self.dead_after = None if dead_after is None else int(dead_after)
         self.prefix = prefix
+        self.noise = float(noise)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.window: torch.Tensor | None = None
         self.restarts = 0
@@ -124,9 +126,11 @@ class CodebookHealth:
         encodings = net.last_encodings
         pick = torch.randint(0, encodings.shape[0], (dead.numel(),), generator=self.generator)
         vectors = encodings[pick.to(encodings.device)].float()
-        if idist.get_world_size() > 1:
+        scale = vectors.std().clamp_min(1e-6) * self.noise
+        vectors = vectors + torch.randn(vectors.shape, generator=self.generator).to(vectors.device) * scale
+        if idist.get_world_size() > 1:  # noise included: every rank must set the very same vectors
             vectors = idist.broadcast(vectors.contiguous(), src=0)
-        restart_codes(net.quantizer, dead, vectors, generator=self.generator)
+        restart_codes(net.quantizer, dead, vectors, noise=0.0)
         net.code_age[dead] = 0
         self.restarts += int(dead.numel())
         return int(dead.numel())
