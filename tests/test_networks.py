@@ -206,3 +206,18 @@ def test_class_conditioned_denoiser_samples_need_a_shape_and_follow_the_class():
         DiffusionSampler(sched, num_samples=0)
     with pytest.raises(ValueError, match="num_inference_steps"):
         DiffusionSampler(sched, num_inference_steps=0)
+
+
+def test_unet_gradient_checkpointing_gives_the_same_gradients_and_keys():
+    grads, keys = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        unet = build_unet(2, 3, None, base_channels=8, channel_mult=(1, 2), attention_levels=(False, True),
+                          num_res_blocks=1, num_head_channels=8, norm_num_groups=4, gradient_checkpointing=checkpointing)
+        unet.train()
+        x = torch.randn(2, 5, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+        unet(x, torch.tensor([3, 7])).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in unet.parameters() if p.grad is not None]))
+        keys.append(list(unet.state_dict()))
+    assert keys[0] == keys[1]
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

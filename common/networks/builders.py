@@ -9,7 +9,7 @@ import torch
 
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
-__all__ = ["one_hot_labels", "build_autoencoder", "build_unet"]
+__all__ = ["one_hot_labels", "build_autoencoder", "build_unet", "checkpoint_blocks"]
 
 
 def one_hot_labels(mask: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
@@ -61,11 +61,14 @@ def build_unet(
     norm_num_groups: int = 32,
     spatial_dims: int = 3,
     use_flash_attention: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> DiffusionModelUNet:
     """A MONAI ``DiffusionModelUNet`` whose input is ``in_channels`` (noisy image or latent) plus the condition's
     ``condition_channels``; output ``out_channels`` (default ``in_channels``); cross-attention when
-    ``cross_attention_dim`` is set. ``use_flash_attention``: PyTorch's fused attention (CUDA)."""
-    return DiffusionModelUNet(
+    ``cross_attention_dim`` is set. ``use_flash_attention``: PyTorch's fused attention (CUDA).
+    ``gradient_checkpointing``: recompute each block's activations in the backward pass (:func:`checkpoint_blocks`),
+    which MONAI's UNet does not offer: pixel-space 3D UNets at 192x192x144 otherwise hold every activation."""
+    unet = DiffusionModelUNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels + condition_channels,
         out_channels=in_channels if out_channels is None else out_channels,
@@ -78,3 +81,24 @@ def build_unet(
         norm_num_groups=norm_num_groups,
         use_flash_attention=use_flash_attention,
     )
+    return checkpoint_blocks(unet) if gradient_checkpointing else unet
+
+
+def checkpoint_blocks(unet: DiffusionModelUNet) -> DiffusionModelUNet:
+    """Run every down, middle and up block of a MONAI ``DiffusionModelUNet`` under ``torch.utils.checkpoint``
+    while training (the same parameters and state-dict keys; eval and no-grad calls are untouched)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(block: torch.nn.Module) -> None:
+        inner = block.forward
+
+        def forward(*args, **kwargs):
+            if block.training and torch.is_grad_enabled():
+                return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+            return inner(*args, **kwargs)
+
+        block.forward = forward
+
+    for block in [*unet.down_blocks, unet.middle_block, *unet.up_blocks]:
+        wrap(block)
+    return unet
