@@ -244,3 +244,14 @@ def test_demo_model_honours_its_mask(tmp_path):
     # augmented masks generated too, and the demo picture material is there
     assert list((tmp_path / "generated_augmented").glob("*/*-t2f.nii.gz"))
     assert list((tmp_path / "augmented" / "previews").glob("*.png"))
+    # the bundle's model drives dataset synthesis: one BraTS-2024 case per augmented mask, BraTS labels in -seg
+    proc = subprocess.run([PY, "-m", "tools", "synthesize", "--masks", str(tmp_path / "augmented"), "--out",
+                           str(tmp_path / "synthetic"), "--label_scheme", "six_label",
+                           "--generator", "common.gliomagen.generator:demo_generator", "--progress", "False"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "synthetic" / "manifest.json").read_text())
+    cases = sorted(p.name for p in (tmp_path / "synthetic").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(cases) == 3 and len(manifest["cases"]) == 3
+    seg = np.asarray(nib.load(str(next((tmp_path / "synthetic" / cases[0]).glob("*-seg.nii.gz")))).dataobj)
+    assert set(np.unique(seg)) <= {0, 1, 2, 3, 4} and len(np.unique(seg)) > 2  # BraTS 2024: the head dropped
