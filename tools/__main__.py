@@ -32,6 +32,37 @@ def _load(name: str):
     return getattr(importlib.import_module(f"tools.{module}"), module)
 
 
+TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def typed_flags(fn):
+    """``fn`` with its boolean flags read the way people write them: fire passes ``--n4 false`` as the string
+    "false", which is truthy; here true/false/yes/no/on/off/1/0 in any case become booleans and anything else is
+    refused naming the flag."""
+    import functools
+    import inspect
+
+    from common.io import DataError
+
+    signature = inspect.signature(fn)
+    flags = {n for n, p in signature.parameters.items() if p.annotation in (bool, "bool") or isinstance(p.default, bool)}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        for name in flags & set(bound.arguments):
+            value = bound.arguments[name]
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                bound.arguments[name] = bool(value)
+            elif isinstance(value, str) and value.strip().lower() in TRUE + FALSE:
+                bound.arguments[name] = value.strip().lower() in TRUE
+            else:
+                raise DataError(f"--{name}", f"expects true or false (yes/no, 1/0), got {value!r}")
+        return fn(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
 def main(argv: list[str] | None = None) -> None:
     import fire
 
@@ -45,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     name = argv[0]
     if name not in COMMANDS:
         sys.exit(f"unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
-    fire.Fire(_load(name), command=argv[1:], name=f"python -m tools {name}")
+    fire.Fire(typed_flags(_load(name)), command=argv[1:], name=f"python -m tools {name}")
 
 
 if __name__ == "__main__":
