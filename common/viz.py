@@ -96,3 +96,20 @@ def save_montage(
         fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return Path(path)
+
+
+def stack_pictures(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """PNG pictures one above the other, centred, on white (one figure out of a method's several)."""
+    from PIL import Image
+
+    pictures = [Image.open(p).convert("RGB") for p in paths]
+    width = max(p.width for p in pictures)
+    canvas = Image.new("RGB", (width, sum(p.height for p in pictures)), "white")
+    y = 0
+    for picture in pictures:
+        canvas.paste(picture, ((width - picture.width) // 2, y))
+        y += picture.height
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        canvas.save(tmp, format="PNG")
+    return out

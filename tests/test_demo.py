@@ -29,6 +29,10 @@ def test_demo_runs_every_step_and_resumes(tmp_path, monkeypatch, capsys):
     overview = Image.open(out / "overview.png")
     parts = [Image.open(out / name) for name in ("preprocessed.png", "generated.png")]
     assert overview.height == sum(p.height for p in parts)
+    # the other bundles' demos: one picture each, from their committed weights
+    gliomagen = Image.open(out / "gliomagen" / "gliomagen.png")
+    assert gliomagen.height > 2 * gliomagen.width / 4  # augmentation preview + two generated montages
+    assert list((out / "gliomagen" / "generated_augmented").glob("*/*-t2f.nii.gz"))
 
     mtimes = [r.stat().st_mtime_ns for r in records]
     capsys.readouterr()

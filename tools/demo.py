@@ -48,12 +48,12 @@ def demo(
     shape = _parse_shape(phantom_shape)
     started = time.perf_counter()
 
-    t = _step(f"1/4 phantoms: {n} cases, grid {shape} -> {raw}")
+    t = _step(f"phantoms: {n} cases, grid {shape} -> {raw}")
     if not (raw / "grades.csv").exists():
         make_phantoms(raw, n=n, layout="brats2023", seed=seed, shape=shape, workers=workers)
     print(f"   {time.perf_counter() - t:.1f} s")
 
-    t = _step(f"2/4 FeTS-style preprocessing -> {pre}")
+    t = _step(f"FeTS-style preprocessing -> {pre}")
     summary = preprocess_dataset(raw, pre, config=PreprocessConfig(spacing=float(spacing)), workers=workers)
     print(f"   processed {len(summary.processed)}, skipped (already done) {len(summary.skipped)}, "
           f"failed {len(summary.failed)}; {time.perf_counter() - t:.1f} s")
@@ -62,21 +62,53 @@ def demo(
             print(f"   FAILED {error}", file=sys.stderr)
         sys.exit(1)
 
-    t = _step("3/4 datalist with 2 folds")
+    t = _step("datalist with 2 folds")
     datalist = build_datalist(pre, out_dir / "datalist.json", folds=2, seed=seed, progress=False)
     print(f"   {out_dir / 'datalist.json'}: {len(datalist['training'])} training, "
           f"{len(datalist['validation'])} validation cases")
 
     generated = None
+    pictures = []
     if generate:
-        t = _step("4/4 LDM-3D: multi-contrast volumes from held-out phantom masks (committed demo weights)")
+        t = _step("LDM-3D: multi-contrast volumes from held-out phantom masks (committed demo weights)")
         from common.ldm3d.demo import ldm3d_demo
 
         generated = ldm3d_demo(out_dir / "ldm3d", n_masks=2, num_samples=2)
         print(f"   {len(generated)} samples in {out_dir / 'ldm3d' / 'generated'}; {time.perf_counter() - t:.1f} s")
+        pictures = _method_demos(out_dir)
 
     overview = _overview(out_dir, generated)
-    print(f"\nDone in {time.perf_counter() - started:.0f} s. Look at {overview} and {pre / 'qc'}/*.png")
+    shown = ", ".join(str(p) for p in [overview, *pictures])
+    print(f"\nDone in {time.perf_counter() - started:.0f} s. Look at {shown} and {pre / 'qc'}/*.png")
+
+
+METHOD_DEMOS = [
+    ("GliomaGen: augmented masks and the images generated from them", "common.gliomagen.demo:gliomagen_demo",
+     "gliomagen"),
+    ("VQGAN + masked transformer: generated LGG and HGG tumor regions beside real ones",
+     "common.vqgan_transformer.demo:vqgan_demo", "vqgan_transformer"),
+    ("cGAN imputation: a deleted FLAIR imputed from T2, beside the real one", "common.cgan_imputation.demo:cgan_demo",
+     "cgan_imputation"),
+]
+
+
+def _method_demos(out_dir: Path) -> list[Path]:
+    """Each other bundle's demo with its committed weights; each returns {"picture": path, ...}."""
+    import importlib
+
+    pictures = []
+    for title, target, folder in METHOD_DEMOS:
+        module, _, function = target.partition(":")
+        try:
+            run = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as exc:  # a bundle whose demo runner is not there
+            print(f"\n== {title}: skipped ({type(exc).__name__}: {exc})", flush=True)
+            continue
+        t = _step(title)
+        result = run(out_dir / folder)
+        pictures.append(Path(result["picture"]))
+        print(f"   {pictures[-1]}; {time.perf_counter() - t:.1f} s")
+    return pictures
 
 
 def _overview(out_dir: Path, generated) -> Path:
@@ -84,7 +116,7 @@ def _overview(out_dir: Path, generated) -> Path:
     from common import CONTRASTS
     from common.data.datalist import load_datalist
     from common.io import load_nifti
-    from common.viz import save_montage
+    from common.viz import save_montage, stack_pictures
 
     item = load_datalist(out_dir / "datalist.json", sections=("validation",))[0]
     save_montage({c: load_nifti(item[c])[0] for c in CONTRASTS}, out_dir / "preprocessed.png",
@@ -97,21 +129,4 @@ def _overview(out_dir: Path, generated) -> Path:
     save_montage({c: v[0] for c, v in loaded.items()}, out_dir / "generated.png", affine=loaded[CONTRASTS[0]][1],
                  mask=load_nifti(files["seg"])[0] if "seg" in files else None,
                  title=f"LDM-3D demo sample {sample['case']} (mask outlined)")
-    return _stack_pictures([out_dir / "preprocessed.png", out_dir / "generated.png"], out_dir / "overview.png")
-
-
-def _stack_pictures(paths: list[Path], out: Path) -> Path:
-    from PIL import Image
-
-    from common.io import atomic_path
-
-    pictures = [Image.open(p).convert("RGB") for p in paths]
-    width = max(p.width for p in pictures)
-    canvas = Image.new("RGB", (width, sum(p.height for p in pictures)), "white")
-    y = 0
-    for picture in pictures:
-        canvas.paste(picture, ((width - picture.width) // 2, y))
-        y += picture.height
-    with atomic_path(out) as tmp:
-        canvas.save(tmp, format="PNG")
-    return out
+    return stack_pictures([out_dir / "preprocessed.png", out_dir / "generated.png"], out_dir / "overview.png")

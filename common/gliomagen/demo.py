@@ -40,4 +40,18 @@ def gliomagen_demo(
     augmented = run_bundle(BUNDLE, list(DEMO_CONFIGS), input=str(out / "augmented"),
                            output_dir=str(out / "generated_augmented"), **settings)
     first = lambda result: result[0] if isinstance(result, list) and result and isinstance(result[0], list) else result  # noqa: E731
-    return {"original": first(original), "augmented": first(augmented), "augment": summary}
+    original, augmented = first(original), first(augmented)
+    return {"original": original, "augmented": augmented, "augment": summary,
+            "picture": _picture(out, original, augmented)}
+
+
+def _picture(out: Path, original: list[dict], augmented: list[dict]) -> Path:
+    """One figure: a real mask beside its augmentation, then an image generated from each (montages)."""
+    from common.viz import stack_pictures
+
+    case = original[0]["source_id"]
+    previews = sorted((out / "augmented" / "previews").glob(f"{case}*.png"))
+    tail = "-".join(case.split("-")[-2:])  # augmented ids keep the case number (BraTS-GLIAUGAA-02006-100)
+    from_aug = [r for r in augmented if r["source_id"].endswith(tail)] or augmented
+    parts = [*previews[:1], original[0]["files"]["montage"], from_aug[0]["files"]["montage"]]
+    return stack_pictures(parts, out / "gliomagen.png")
