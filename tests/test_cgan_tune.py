@@ -16,8 +16,8 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from common.cgan_imputation.tune import (PAPER_FOUND, SEARCH_SPACE, bundle_objective, paper_overlay,  # noqa: E402
-                                         run_search, storage_url)
+from common.cgan_imputation.tune import (PAPER_FOUND, SEARCH_SPACE, paper_overlay, run_search,  # noqa: E402
+                                         storage_url)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,7 +137,9 @@ def test_bundle_objective_trains_through_run_bundle(tmp_path):
     (configs / "metadata.json").write_text(json.dumps({"version": "0.1.0", "changelog": {"0.1.0": "test"}}))
     (configs / "logging.conf").write_text((ROOT / "bundles/brats_mri_ldm3d/configs/logging.conf").read_text())
     (configs / "train.json").write_text(json.dumps(BUNDLE_TRAIN))
-    objective = bundle_objective(str(tmp_path / "bundle"), ["train.json"])
+    from common.cgan_imputation.bundle import BundleObjective
+
+    objective = BundleObjective(tmp_path / "bundle", ["train.json"], run_id="train")
     seen = []
     value = objective({"learning_rate": 1e-3, "l1_weight": 100.0}, lambda step, v: seen.append((step, v)))
     assert value == pytest.approx(0.75) and [s for s, _ in seen] == [0, 1, 2]

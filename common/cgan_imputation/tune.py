@@ -7,7 +7,8 @@ L1 weight and the lesion-mask loss weight; maximised: the mean validation SSIM. 
 The trial runner is pluggable: ``objective(params, report) -> float`` gets the suggested parameters (names of
 ``SEARCH_SPACE``) and a ``report(step, value)`` callback that feeds intermediate validation scores to the pruner
 (a ``MedianPruner``: a trial whose score at a step is below the median of earlier trials at that step is stopped;
-``report`` then raises ``optuna.TrialPruned``). :func:`bundle_objective` plugs in a bundle's own training.
+``report`` then raises ``optuna.TrialPruned``). ``common.cgan_imputation.bundle.BundleObjective`` plugs in the
+bundle's own training (its validation reports through ``@tune_report``).
 
 The study lives in a database: an SQLite file ``<out>/study.db`` by default, so a killed search resumes where it
 stopped (finished trials are kept, ``n_trials`` counts them), or any database URL Optuna accepts, so workers on
@@ -273,31 +274,3 @@ def _plots(study, out_dir: Path, n_completed: int) -> dict:
             out["importances"] = f"not drawn: {exc}"
     return out
 
-
-def bundle_objective(bundle: str, configs: list[str], config_ids: Mapping[str, str] | None = None,
-                     report_id: str = "tune_report", **fixed: Any) -> Objective:
-    """An objective training a bundle (``common.bundle.run_bundle``) with the trial's parameters as overrides.
-
-    The bundle's validation calls ``@<report_id>(step, mean_ssim)`` (the ``report`` callback is put into its config
-    under ``report_id``); the trial's value is the number the run returns, else the last reported score.
-    """
-    ids = {**CONFIG_IDS, **(config_ids or {})}
-
-    def objective(params: dict, report: Callable[[int, float], None]) -> float:
-        from common.bundle.run import run_bundle
-
-        last: list[float] = []
-
-        def tracked(step: int, value: float) -> None:
-            last.append(float(value))
-            report(step, value)
-
-        result = run_bundle(bundle, configs, run_id="train", **fixed, **{ids[k]: v for k, v in params.items()},
-                            **{report_id: tracked})
-        if isinstance(result, (int, float)):
-            return float(result)
-        if not last:
-            raise ValueError(f"bundle {bundle} reported no validation score through @{report_id}")
-        return last[-1]
-
-    return objective
