@@ -109,7 +109,8 @@ def _n4_anisotropic(ctx: BenchmarkContext, case) -> tuple[list, str]:
     affine = np.asarray(case.affine, dtype=float).copy()
     affine[:3, 2] *= k
     rows = []
-    for label, (data, aff) in {"as generated": (array, case.affine), f"every {k}th slice": (thick, affine)}.items():
+    inputs = {"as generated": (array, case.affine), f"1 axial slice in {k}": (thick, affine)}
+    for label, (data, aff) in inputs.items():
         image = core.to_sitk(np.maximum(data, 0.0), aff)
         mask = core.foreground_mask(image)
         sp = "x".join(f"{v:.1f}" for v in image.GetSpacing())
@@ -124,7 +125,7 @@ def _n4_anisotropic(ctx: BenchmarkContext, case) -> tuple[list, str]:
             mem.start()
             times = time_calls(lambda shrink=shrink: core.n4_bias_correct(image, mask, shrink), repeats, warmup)
             rows.append(result(group, variant, times, "s/volume", mem))
-    note = (f"N4 rows: core.n4_bias_correct on the phantom's t1n and on a copy keeping every {k}th axial slice; "
+    note = (f"N4 rows: core.n4_bias_correct on the phantom's t1n and on a copy keeping 1 axial slice in {k}; "
             "the former rule shrank every axis by 4 mm / the largest spacing, so thick slices ran N4 at full "
             "in-plane resolution; the per-axis rule shrinks each axis towards 4 mm (at least 16 voxels left)")
     return rows, note

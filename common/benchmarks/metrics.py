@@ -29,6 +29,27 @@ def _pair(shape, device):
     return x.to(device), y.to(device)
 
 
+def _side_by_side(ctx: BenchmarkContext, group: str, variants, repeats: int, warmup: int) -> list:
+    """Time each (name, fn) on the same inputs; the last row gets the largest difference of the values."""
+    import torch
+
+    rows, values = [], {}
+    for name, fn in variants:
+        ctx.log(f"metrics: {group}: {name}")
+        try:
+            mem = MemoryProbe(ctx.device)
+            mem.start()
+            with torch.no_grad():
+                times = time_calls(lambda fn=fn: values.__setitem__(name, fn()), repeats, warmup, ctx.device)
+            rows.append(result(group, name, times, "s/pair", mem, value=float(values[name].mean())))
+        except Exception as exc:  # out of memory on a small machine: recorded, the run goes on
+            rows.append(failed(group, name, exc))
+    if len(values) == 2:
+        a, b = values.values()
+        rows[-1]["max_abs_difference"] = float((a.double() - b.double()).abs().max())
+    return rows
+
+
 def _kernels(ctx: BenchmarkContext) -> tuple[list, list]:
     import torch
     from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
@@ -43,46 +64,17 @@ def _kernels(ctx: BenchmarkContext) -> tuple[list, list]:
         x, y = _pair(shape, ctx.device)
         big = shape[0] * shape[1] * shape[2] > 2_000_000
         repeats, warmup = (1, 0) if big and ctx.device.type == "cpu" else (ctx.repeats, ctx.warmup)
-        group = f"SSIM, 4 contrasts {'x'.join(map(str, shape))}"
-        values = {}
-        variants = [
+        tag = "x".join(map(str, shape))
+        results += _side_by_side(ctx, f"SSIM, 4 contrasts {tag}", [
             ("MONAI compute_ssim_and_cs (dense 11^3 window)",
              lambda: compute_ssim_and_cs(x, y, 3, (11,) * 3, (1.5,) * 3)[0].flatten(1).mean(1)),
             ("common.ops.ssim (separable)", lambda: ssim(x, y, reduction="none")),
-        ]
-        for name, fn in variants:
-            ctx.log(f"metrics: {group}: {name}")
-            try:
-                mem = MemoryProbe(ctx.device)
-                mem.start()
-                with torch.no_grad():
-                    times = time_calls(lambda fn=fn: values.__setitem__(name, fn()), repeats, warmup, ctx.device)
-                results.append(result(group, name, times, "s/pair", mem, value=float(values[name].mean())))
-            except Exception as exc:  # out of memory on a small machine: recorded, the run goes on
-                results.append(failed(group, name, exc))
-        if len(values) == 2:
-            a, b = values.values()
-            results[-1]["max_abs_difference"] = float((a.double() - b.double()).abs().max())
-        group = f"MS-SSIM (3 scales), 4 contrasts {'x'.join(map(str, shape))}"
-        values = {}
-        variants = [
+        ], repeats, warmup)
+        results += _side_by_side(ctx, f"MS-SSIM (3 scales), 4 contrasts {tag}", [
             ("MONAI compute_ms_ssim (dense 11^3 window)",
              lambda: compute_ms_ssim(x, y, 3, kernel_size=11, weights=weights).flatten()),
             ("common.ops.ms_ssim (separable)", lambda: ms_ssim(x, y, weights=weights, reduction="none")),
-        ]
-        for name, fn in variants:
-            ctx.log(f"metrics: {group}: {name}")
-            try:
-                mem = MemoryProbe(ctx.device)
-                mem.start()
-                with torch.no_grad():
-                    times = time_calls(lambda fn=fn: values.__setitem__(name, fn()), repeats, warmup, ctx.device)
-                results.append(result(group, name, times, "s/pair", mem, value=float(values[name].mean())))
-            except Exception as exc:
-                results.append(failed(group, name, exc))
-        if len(values) == 2:
-            a, b = values.values()
-            results[-1]["max_abs_difference"] = float((a.double() - b.double()).abs().max())
+        ], repeats, warmup)
         del x, y
     notes.append("kernel rows: one pair of 4-contrast volumes [1, 4, *shape] per call, values in [0, 1]; MONAI's "
                  "float32 11^3 window sums to 1 - 1.4e-7, which moves its MS-SSIM by up to ~3e-5 at coarse "
