@@ -37,6 +37,7 @@ import shutil
 import time
 import uuid
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -168,7 +169,12 @@ class BratsCaseWriter:
     ``six_label``: head -> background) to the layout's scheme with ``common.data.layouts.write_case``.
     """
 
+    FOLDER_LAYOUTS = ("brats2021", "brats2023", "brats2024", "generic")  # one folder per case, named by its id
+
     def __init__(self, layout: str = "brats2024", contrasts: Sequence[str] = CONTRASTS):
+        if layout not in self.FOLDER_LAYOUTS:
+            raise DataError("--layout", f"{layout!r}: synthesis writes one folder per case; use one of "
+                                        f"{self.FOLDER_LAYOUTS}")
         self.layout = layout
         self.contrasts = tuple(contrasts)
 
@@ -310,7 +316,7 @@ def synthesize_dataset(
     ids = [str(c.get("id", "")) for c in cases]
     if any(not i or "/" in i or i.startswith(".") for i in ids):
         raise DataError("cases", "every case needs an 'id' usable as a folder name (no '/', not starting with '.')")
-    dup = sorted({i for i in ids if ids.count(i) > 1})
+    dup = sorted(i for i, k in Counter(ids).items() if k > 1)
     if dup:
         raise DataError("cases", f"duplicate case ids {dup[:5]}")
     index, count = worker_shard(shard, distributed)

@@ -152,12 +152,11 @@ def check_mask(
             small = int((np.bincount(lab.ravel())[1:] < min_size).sum())
             if small:
                 problems.append(f"stray voxels: {small} piece(s) of {NAMES[value]} smaller than {min_size} voxels")
-    core = np.isin(labels, (ET, NETC))
-    if core.any() and _exposure(labels, core) > max_exposure:
-        problems.append(f"tumor core not enclosed by the whole tumor ({_exposure(labels, core):.0%} of it borders head)")
-    netc = labels == NETC
-    if netc.any() and _exposure(labels, netc) > max_exposure:
-        problems.append(f"NETC outside the tumor core ({_exposure(labels, netc):.0%} of it borders head)")
+    for part, what in ((np.isin(labels, (ET, NETC)), "tumor core not enclosed by the whole tumor"),
+                       (labels == NETC, "NETC outside the tumor core")):
+        exposed = _exposure(labels, part) if part.any() else 0.0
+        if exposed > max_exposure:
+            problems.append(f"{what} ({exposed:.0%} of it borders head)")
     return problems
 
 
