@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from common.benchmarks.runner import BenchmarkContext, iteration_times, quiet, result, sync
+from common.benchmarks.runner import BenchmarkContext, failed, iteration_times, quiet, result, sync
 from common.ldm3d.benchmark import bundle_parser, random_batches, stage1_trainer, stage2_trainer
 
 
@@ -127,22 +127,32 @@ def engine(ctx: BenchmarkContext) -> dict:
               ("diffusion", stage2_trainer, _plain_stage2, "diffusion_batch_size")]
     for group, ours_build, plain_loop, batch_key in stages:
         for amp, label in ((None, "fp32"), ("bf16", "bf16 autocast")):
-            timed = {"plain loop": [], "ours": []}
+            timed: dict[str, list[float]] = {"plain loop": [], "ours": []}
+            broken: dict[str, BaseException] = {}
             for r in range(rounds):
                 for name in ("plain loop", "ours"):
+                    if name in broken:
+                        continue
                     ctx.log(f"engine: {group} {label} {name} (round {r + 1}/{rounds})")
                     torch.manual_seed(0)
                     parser = bundle_parser(ctx)
                     batches = random_batches(parser, parser.get_parsed_content(batch_key), ctx.warmup + 3,
                                              ctx.device)
-                    if name == "ours":
-                        times = _ours(ours_build, parser, batches, amp, ctx.device)
-                    else:
-                        times = plain_loop(parser, batches, amp, ctx.device)
+                    try:
+                        if name == "ours":
+                            times = _ours(ours_build, parser, batches, amp, ctx.device)
+                        else:
+                            times = plain_loop(parser, batches, amp, ctx.device)
+                    except (FloatingPointError, RuntimeError) as exc:  # e.g. a non-finite bf16 loss on CPU
+                        broken[name] = exc
+                        continue
                     timed[name] += times[ctx.warmup:]
             for name in ("plain loop", "ours"):
-                results.append(result(f"{group} {label}", name, timed[name], "s/iteration",
-                                      iterations=len(timed[name]), rounds=rounds))
+                if name in broken:
+                    results.append(failed(f"{group} {label}", name, broken[name]))
+                else:
+                    results.append(result(f"{group} {label}", name, timed[name], "s/iteration",
+                                          iterations=len(timed[name]), rounds=rounds))
     notes = [
         f"networks, losses and batch sizes from bundles/brats_mri_ldm3d/configs ({ctx.size}); random inputs",
         "plain loop = the same forward/backward/optimizer steps with no ignite engine, no handlers and no output "
