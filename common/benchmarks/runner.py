@@ -49,6 +49,13 @@ SUITES = {
     "engine": "common.benchmarks.engine:engine",
     "ldm3d_train": "common.ldm3d.benchmark:train",
     "ldm3d_sample": "common.ldm3d.benchmark:sample",
+    "metrics": "common.benchmarks.metrics:metrics",
+    "gliomagen_masks": "common.gliomagen.benchmark:masks",
+    "gliomagen_synthesis": "common.gliomagen.benchmark:synthesis",
+    "vqgan_train": "common.vqgan_transformer.benchmark:train",
+    "vqgan_sample": "common.vqgan_transformer.benchmark:sample",
+    "cgan_train": "common.cgan_imputation.benchmark:train",
+    "cgan_impute": "common.cgan_imputation.benchmark:impute",
 }
 """Suite name -> ``module:function``. Add a line here to register a suite."""
 
