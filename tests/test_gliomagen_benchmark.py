@@ -22,7 +22,7 @@ def test_synthesis_suite_times_one_and_two_processes(tmp_path):
     assert set(rows) == {"1 process(es)", "2 process(es)"}
     for r in rows.values():
         assert r["cases"] == 4 and r["wall_seconds"] > 0
-        assert np.isclose(r["cases_per_second"], 4 / r["wall_seconds"])
+        assert np.isclose(r["cases_per_second"], 4 / r["wall_seconds"]) and r["cpu_seconds_per_case"] > 0
     assert rows["1 process(es)"]["speedup"] == 1.0 and rows["2 process(es)"]["speedup"] > 0
 
 
