@@ -38,8 +38,7 @@ def augment_masks(
         max_tries: draws per requested mask before giving up on it (counted as failed).
         previews: write the preview pictures.
         progress: show a progress bar.
-        workers: processes sharing the masks (the files do not depend on it); a BraTS-size draw takes about
-            5-10 s on one CPU core.
+        workers: processes sharing the masks (the files do not depend on it).
     Returns:
         The path of the summary JSON.
     """
