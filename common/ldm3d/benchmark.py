@@ -6,11 +6,10 @@ random weights and random inputs: speed and memory do not depend on the values."
 from __future__ import annotations
 
 import copy
-import statistics
 from typing import Sequence
 
-from common.benchmarks.runner import (SAMPLER_NAMES, BenchmarkContext, MemoryProbe, failed, iteration_times, quiet,
-                                      release_memory, result, skipped, stats, time_calls)
+from common.benchmarks.diffusion import extrapolation_note, sampling_rows, training_row
+from common.benchmarks.runner import BenchmarkContext, MemoryProbe, skipped
 
 BUNDLE = "brats_mri_ldm3d"
 CONFIGS = {"paper": ["inference.json", "train_autoencoder.json", "train_diffusion.json"]}
@@ -87,33 +86,13 @@ def stage2_trainer(parser, batches, amp=None):
 
 
 def _train_variant(ctx: BenchmarkContext, group: str, name: str, amp: str | None, checkpointing: bool = False) -> dict:
-    """Build the networks and the real trainer for one variant, run warm-up + repeats iterations, time each."""
-    import torch
-
-    device = ctx.device
-    ctx.log(f"ldm3d_train: {group} {name}")
-    mem = MemoryProbe(device)
-    mem.start()
-    torch.manual_seed(0)
-    trainer = None
-    try:
+    def build():
         parser = bundle_parser(ctx, ae_gradient_checkpointing=checkpointing)
-        key = "batch_size" if group == "autoencoder" else "diffusion_batch_size"
-        batch_size = parser.get_parsed_content(key)
-        batches = random_batches(parser, batch_size, ctx.warmup + ctx.repeats, device)
-        trainer = (stage1_trainer if group == "autoencoder" else stage2_trainer)(parser, batches, amp)
-        quiet(trainer)
-        times = iteration_times(trainer, device)
-        trainer.run()
-        return result(group, name, times[ctx.warmup:], "s/iteration", mem, batch_size=batch_size,
-                      final_loss=float(trainer.state.output["loss"]))
-    except (FloatingPointError, RuntimeError) as exc:
-        return failed(group, name, exc)
-    finally:
-        del trainer
-        release_memory()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        batch_size = parser.get_parsed_content("batch_size" if group == "autoencoder" else "diffusion_batch_size")
+        batches = random_batches(parser, batch_size, ctx.warmup + ctx.repeats, ctx.device)
+        return (stage1_trainer if group == "autoencoder" else stage2_trainer)(parser, batches, amp), batch_size
+
+    return training_row(ctx, group, name, build)
 
 
 def train(ctx: BenchmarkContext) -> dict:
@@ -176,39 +155,7 @@ def sample(ctx: BenchmarkContext) -> dict:
         return DiffusionSampler(sched, num_inference_steps=steps, guidance_scale=guidance, num_samples=1,
                                 progress=False)
 
-    results = []
-    extrapolated_any = False
-    sampler_for(ctx.samplers[0][0], min(2, ctx.samplers[0][1]))(mask, network)  # one-off costs: see train
-    for kind, steps in ctx.samplers:
-        measured = steps if ctx.max_steps is None else min(steps, ctx.max_steps)
-        ctx.log(f"ldm3d_sample: {kind} {steps} steps (timing {measured})")
-        try:
-            mem = MemoryProbe(device)
-            mem.start()
-            for _ in range(ctx.warmup):
-                sampler_for(kind, min(2, steps))(mask, network)
-            one = sampler_for(kind, 1)
-            full = sampler_for(kind, measured)
-            one(mask, network)  # always one untimed call: first-call costs must not land in t(1) and bend the fit
-            t_one = time_calls(lambda: one(mask, network), ctx.repeats, 0, device)
-            t_k = time_calls(lambda: full(mask, network), ctx.repeats, 0, device)
-            base = statistics.median(t_one)
-            per_step = (statistics.median(t_k) - base) / (measured - 1) if measured > 1 else None
-            extra = {"steps": steps, "measured_steps": measured, "per_step_s": per_step,
-                     "fixed_s": base - per_step if per_step is not None else None, "one_step_call_s": stats(t_one)}
-            if measured < steps:
-                extrapolated_any = True
-                times = [base + (t - base) * (steps - 1) / (measured - 1) for t in t_k]
-                extra["extrapolated"] = True
-            else:
-                times = t_k
-                extra["extrapolated"] = False
-            results.append(result("per_sample", f"{SAMPLER_NAMES[kind]}-{steps}", times, "s/sample", mem, **extra))
-        except RuntimeError as exc:  # out of memory at paper size is a result, not a crash
-            results.append(failed("per_sample", f"{SAMPLER_NAMES[kind]}-{steps}", exc))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
+    results, extrapolated_any = sampling_rows(ctx, network, mask, sampler_for)
     notes = [
         f"networks from bundles/{BUNDLE}/configs ({ctx.size}): image {len(p('contrasts'))}x"
         f"{'x'.join(map(str, p('spatial_size')))}, UNet base {p('unet_base_channels')} x {p('unet_channel_mult')}; "
@@ -217,8 +164,5 @@ def sample(ctx: BenchmarkContext) -> dict:
         f"networks ~{model_mib} MiB before sampling; peak memory per variant is on top of them",
     ]
     if extrapolated_any:
-        notes.append(
-            f"EXTRAPOLATED: each sampler ran {ctx.max_steps} steps (and 1 step); s/sample = t(1) + "
-            "(t(k) - t(1)) * (N - 1) / (k - 1) for its N steps. Run with --max_steps 0 for full runs."
-        )
+        notes.append(extrapolation_note(ctx))
     return {"results": results, "notes": notes, "network_memory_mib": model_mib}
