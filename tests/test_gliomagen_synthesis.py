@@ -130,6 +130,7 @@ synthesize_dataset(cases, fake_generate_case, {out!r}, progress=False)
 """
 
 
+@pytest.mark.slow  # several fresh interpreters (torch import each)
 def test_kill9_mid_run_then_restart_gives_every_case_exactly_once(tmp_path):
     cases = _write_masks(tmp_path / "masks", 8)
     (tmp_path / "cases.json").write_text(json.dumps(cases))
@@ -228,6 +229,7 @@ def test_cli_synthesize_with_a_generator_path(tmp_path):
     assert bad.returncode != 0 and "--generator" in bad.stderr
 
 
+@pytest.mark.slow  # several fresh interpreters (torch import each)
 def test_torchrun_ranks_split_the_masks(tmp_path):
     _write_masks(tmp_path / "masks", 5)
     torchrun = Path(sys.executable).with_name("torchrun")
