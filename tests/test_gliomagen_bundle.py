@@ -255,3 +255,21 @@ def test_demo_model_honours_its_mask(tmp_path):
     assert len(cases) == 3 and len(manifest["cases"]) == 3
     seg = np.asarray(nib.load(str(next((tmp_path / "synthetic" / cases[0]).glob("*-seg.nii.gz")))).dataobj)
     assert set(np.unique(seg)) <= {0, 1, 2, 3, 4} and len(np.unique(seg)) > 2  # BraTS 2024: the head dropped
+
+
+def test_benchmark_suites_time_training_variants_and_samplers_side_by_side():
+    from common.benchmarks import run_benchmark
+
+    tiny = {"spatial_size": [16, 16, 16], "unet_channel_mult": [1, 2], "unet_attention_levels": [False, True],
+            "batch_size": 1}
+    report = run_benchmark("gliomagen_train,gliomagen_sample", size="demo", device="cpu", repeats=1, warmup=0,
+                           samplers="ddim:4,rflow:4", max_steps=0, overrides=tiny, progress=False)
+    train = {r["variant"]: r for r in report["suites"]["gliomagen_train"]["results"]}
+    assert train["fp32"]["seconds"]["median"] > 0 and train["fp16 autocast + GradScaler"]["skipped"] == "needs CUDA"
+    for name in ("bf16 autocast", "bf16 autocast + checkpointing"):
+        assert "seconds" in train[name] or train[name]["failed"].startswith("non-finite loss")
+    sample = {r["variant"]: r for r in report["suites"]["gliomagen_sample"]["results"]}
+    assert set(sample) == {"DDIM-4", "RFlow-4"} and all(r["per_step_s"] > 0 for r in sample.values())
+    assert "4x16x16x16" in report["suites"]["gliomagen_sample"]["notes"][0]
+    with pytest.raises(ValueError, match="unknown override"):
+        run_benchmark("gliomagen_train", size="demo", device="cpu", overrides={"unet_width": 3}, progress=False)

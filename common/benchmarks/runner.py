@@ -50,6 +50,8 @@ SUITES = {
     "ldm3d_train": "common.ldm3d.benchmark:train",
     "ldm3d_sample": "common.ldm3d.benchmark:sample",
     "metrics": "common.benchmarks.metrics:metrics",
+    "gliomagen_train": "common.gliomagen.benchmark:train",
+    "gliomagen_sample": "common.gliomagen.benchmark:sample",
     "gliomagen_masks": "common.gliomagen.benchmark:masks",
     "gliomagen_synthesis": "common.gliomagen.benchmark:synthesis",
     "vqgan_train": "common.vqgan_transformer.benchmark:train",

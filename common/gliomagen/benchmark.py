@@ -1,4 +1,6 @@
-"""GliomaGen benchmark suites: mask augmentation per draw, and mass synthesis in 1 vs N processes.
+"""GliomaGen benchmark suites: the network's training iteration (fp32 / bf16 / bf16 + checkpointing) and
+sampling (DDPM-1000 / DDIM / rectified flow) built from the bundle's configs; mask augmentation per draw; and mass
+synthesis in 1 vs N processes.
 
 The synthesis suite measures the *pipeline's* scaling (sharding, writing, manifest), so it runs a stand-in
 ``generate_case`` of a fixed cost: a small 3-D conv net applied ``standin_steps`` times per case, like a
@@ -135,3 +137,108 @@ def masks(ctx: BenchmarkContext) -> dict:
                         result("augmentation", "one draw", per_try, "s/draw", None)],
             "notes": [f"synthetic 6-label mask {'x'.join(map(str, shape))}; a mask may need several draws "
                       "(rejected ones are redrawn): s/mask includes them, s/draw divides by their number"]}
+
+
+# --------------------------------------------------------------------------- the network: training and sampling
+BUNDLE_CONFIGS = {"paper": ["inference.json", "train.json"], "demo": ["inference.json", "train.json", "demo.json"]}
+
+
+def _parser(ctx: BenchmarkContext, **extra):
+    """The bundle's configs at ``ctx.size`` (``ctx.overrides`` are config ids; an unknown one is refused)."""
+    from common.bundle import bundle_config
+
+    parser = bundle_config("brats_mri_gliomagen", BUNDLE_CONFIGS[ctx.size])
+    unknown = sorted(k for k in ctx.overrides if k not in parser and k != "guidance_scale")
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown}: use config ids of bundles/brats_mri_gliomagen/configs")
+    parser.update({k: v for k, v in ctx.overrides.items() if k in parser})
+    parser.update({"device": f"$torch.device('{ctx.device}')", **extra})
+    return parser
+
+
+def _mask(parser, batch: int, device):
+    """A 6-label mask: the head filling the middle of the grid, a tumor with every compartment inside it."""
+    import torch
+
+    spatial = [int(s) for s in parser["spatial_size"]]
+    mask = torch.zeros((batch, 1, *spatial))
+    head = tuple(slice(s // 8, s - s // 8) for s in spatial)
+    mask[(slice(None), slice(None), *head)] = 1
+    c = [s // 2 for s in spatial]
+    for label, r in ((3, 4), (4, 3), (2, 2), (5, 1)):  # SNFH around ET around NETC, a cavity inside
+        box = tuple(slice(ci - max(1, s * r // 32), ci + max(1, s * r // 32)) for ci, s in zip(c, spatial))
+        mask[(slice(None), slice(None), *box)] = label
+    return mask.to(device)
+
+
+def train(ctx: BenchmarkContext) -> dict:
+    """Seconds per training iteration of the bundle's DiffusionTrainer: fp32 vs bf16 vs bf16 + gradient
+    checkpointing (fp16 on CUDA)."""
+    import torch
+
+    from common.benchmarks.diffusion import training_row
+    from common.benchmarks.runner import skipped
+    from common.engines import DiffusionTrainer
+
+    def variant(amp, checkpointing):
+        def build():
+            p = _parser(ctx, gradient_checkpointing=checkpointing).get_parsed_content
+            network = p("network")
+            batch = int(p("batch_size"))
+            g = torch.Generator().manual_seed(0)
+            spatial = p("spatial_size")
+            image = torch.rand((batch, len(p("contrasts")), *spatial), generator=g).to(ctx.device)
+            batches = [{"image": image, "label": _mask(_parser(ctx), batch, ctx.device)}] * (ctx.warmup + ctx.repeats)
+            trainer = DiffusionTrainer(
+                device=p("device"), max_epochs=1, train_data_loader=batches, network=network,
+                optimizer=torch.optim.Adam(network.parameters(), lr=p("lr")), scheduler=p("noise_scheduler"),
+                condition_key="label", condition_dropout=p("condition_dropout"), loss="l1", amp=amp,
+                ema_decay=p("ema_decay"))
+            return trainer, batch
+        return build
+
+    results = []
+    for name, amp, ckpt in (("fp32", None, False), ("bf16 autocast", "bf16", False),
+                            ("bf16 autocast + checkpointing", "bf16", True),
+                            ("fp16 autocast + GradScaler", "fp16", False)):
+        if amp == "fp16" and ctx.device.type != "cuda":
+            results.append(skipped("diffusion", name, "needs CUDA"))
+        else:
+            results.append(training_row(ctx, "diffusion", name, variant(amp, ckpt)))
+    p = _parser(ctx)
+    notes = [f"network from bundles/brats_mri_gliomagen/configs ({ctx.size}): input {len(p['contrasts'])}+6 x "
+             f"{'x'.join(map(str, p['spatial_size']))}, UNet base {p['unet_base_channels']} x {p['unet_channel_mult']}; "
+             "iteration = DDPM noise + conditioned UNet step (L1) + EMA update",
+             "checkpointing = common.networks.checkpoint_blocks (each UNet block recomputed in the backward pass)"]
+    return {"results": results, "notes": notes}
+
+
+def sample(ctx: BenchmarkContext) -> dict:
+    """Seconds per 4-contrast sample of the bundle's sampler: DDPM-1000 (the paper's) vs DDIM vs rectified flow."""
+    import torch
+
+    from common.benchmarks.diffusion import extrapolation_note, sampling_rows
+    from common.benchmarks.runner import MemoryProbe
+    from common.samplers import DiffusionSampler, make_scheduler
+
+    parser = _parser(ctx)
+    p = parser.get_parsed_content
+    mem = MemoryProbe(ctx.device)
+    mem.start()
+    torch.manual_seed(0)
+    network = p("network_def").to(ctx.device).eval()
+    mask = _mask(parser, 1, ctx.device)
+    guidance = float(ctx.overrides.get("guidance_scale", p("guidance_scale")))
+    model_mib = mem.peak_mib()
+
+    def sampler_for(kind: str, steps: int):
+        sched = make_scheduler(kind, steps if kind == "ddpm" else p("num_train_timesteps"), p("beta_schedule"))
+        return DiffusionSampler(sched, num_inference_steps=steps, guidance_scale=guidance, progress=False)
+
+    results, extrapolated = sampling_rows(ctx, network, mask, sampler_for)
+    notes = [f"network from bundles/brats_mri_gliomagen/configs ({ctx.size}): one 4x"
+             f"{'x'.join(map(str, p('spatial_size')))} sample per call, guidance {guidance}; random weights",
+             f"network ~{model_mib} MiB before sampling"]
+    if extrapolated:
+        notes.append(extrapolation_note(ctx))
+    return {"results": results, "notes": notes}
