@@ -42,6 +42,9 @@ KNOWN_GAPS = {
     ("brats_mri_ldm3d", "net_in_out:autoencoder"):
         "autoencoder_data_format has no 'pred' output and autoencoder_def's forward returns a tuple "
         "(reconstruction, z_mu, z_sigma), not one tensor",
+    ("brats_mri_vqgan_transformer", "net_in_out:vqgan"): "vqgan_def (ImportanceVQGAN) returns a dict (pred, "
+        "quantization_loss, class_logits, importance, indices) that the trainer's loss terms read, not one tensor",
+    ("brats_mri_vqgan_transformer", "export:vqgan"): "tracing refuses the dict output of vqgan_def (ImportanceVQGAN)",
 }
 
 
