@@ -15,8 +15,10 @@ def test_metrics_suite_on_tiny_inputs(tmp_path, one_torch_thread):
     rows = {(r["group"], r["variant"]): r for r in out["results"]}
     ssim_rows = [r for (g, _), r in rows.items() if g.startswith("SSIM")]
     assert len(ssim_rows) == 2 and all("failed" not in r for r in ssim_rows)
-    assert ssim_rows[1]["max_abs_difference"] < 1e-5
-    assert ssim_rows[0]["value"] == pytest.approx(ssim_rows[1]["value"], abs=1e-5)
+    # the benchmark's volumes are smooth (small local variances): MONAI's float32 window, which sums to
+    # 1 - 1.4e-7, is off by ~3e-5 there (see tests/test_ops_ssim.py); the separable kernel is not
+    assert ssim_rows[1]["max_abs_difference"] < 5e-5
+    assert ssim_rows[0]["value"] == pytest.approx(ssim_rows[1]["value"], abs=5e-5)
     ms_rows = [r for (g, _), r in rows.items() if g.startswith("MS-SSIM")]
     assert len(ms_rows) == 2 and ms_rows[1]["max_abs_difference"] < 1e-4
     e2e = [r for (g, _), r in rows.items() if g.startswith("evaluate")]
