@@ -1,0 +1,340 @@
+"""cGAN imputation bundle (Genc et al. 2022): paper-size networks, configs layered on inference.json, the slice
+chain, imputation through the bundle on the source grid, one-line errors, training through ``monai.bundle run``
+(1 and 2 processes), the hyper-parameter search through the bundle, and the committed demo weights against the
+input-vs-target baseline on held-out phantom cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from common.io import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "brats_mri_cgan_imputation"
+BUNDLE = REPO / "bundles" / NAME
+PY = sys.executable
+ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+HEADER_FIELDS = ("dim", "pixdim", "qform_code", "sform_code", "srow_x", "srow_y", "srow_z", "xyzt_units")
+DEMO = ["inference.json", "demo.json"]
+HELD_OUT_SEED = 1000  # the demo weights were trained on phantom seed 0
+
+
+def _parser(*files, **overrides):
+    from common.bundle import bundle_config
+
+    return bundle_config(NAME, list(files), **overrides)
+
+
+def _bundle_cmd(args, timeout=900, runner=None, check=True):
+    cmd = (runner or [PY, "-m", "monai.bundle"]) + args
+    proc = subprocess.run(cmd, cwd=BUNDLE, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+# ------------------------------------------------------------------------------------------ configs
+def test_paper_size_networks_and_paper_defaults():
+    parser = _parser("inference.json", "train.json")
+    assert parser["n_blocks"] == 9 and parser["base_channels"] == 64 and parser["spatial_size"] == [256, 256]
+    assert parser["discriminator_channels"] == 64 and parser["discriminator_layers"] == 3
+    assert parser["l1_weight"] == 100.0 and parser["learning_rate"] == 2e-4 and parser["beta1"] == 0.5
+    assert parser["max_iterations"] == 5000 and parser["train#trainer#adversarial_criterion"] == "@adversarial_criterion"
+    with torch.device("meta"):
+        gen = parser.get_parsed_content("network_def")
+        disc = parser.get_parsed_content("discriminator_def")
+        out = gen(torch.empty(1, 1, 256, 256))
+        logits = disc(torch.empty(1, 2, 256, 256))[-1]  # source + image
+    assert tuple(out.shape) == (1, 1, 256, 256)
+    assert tuple(logits.shape) == (1, 1, 30, 30)  # the 70x70 PatchGAN's map on 256x256
+    assert len(gen.model) > 9 and sum(type(m).__name__ == "ResnetBlock" for m in gen.model) == 9
+
+
+def test_configs_are_layered_once_and_overlays_hold_the_paper_values():
+    from common.cgan_imputation.tune import CONFIG_IDS, PAPER_FOUND, SEARCH_SPACE
+
+    train = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    assert not {"network_def", "discriminator_def", "prepare_transforms", "preprocessing"} & set(train)
+    parser = _parser("inference.json", "train.json")
+    for key in ("bundle_root", "device", "network_def", "inferer", "dataset_dir", "dataset", "evaluator", "output_dir",
+                "train#trainer", "train#dataset#data", "train#handlers", "validate#evaluator", "val_interval"):
+        assert key in parser, key
+    for name in SEARCH_SPACE:  # every searched parameter is a config id of the training
+        assert CONFIG_IDS[name] in parser, name
+    losses = parser["losses"]
+    assert losses["l1"]["weight"] == "@l1_weight" and losses["lesion"]["_target_"].endswith("MaskedL1")
+    trainer = parser["train#trainer"]
+    assert (trainer["input_key"], trainer["target_key"], trainer["condition_key"]) == ("source", "target", "source")
+    for task, overlay in (("t2w_t2f", "paper_t2w_to_t2f.json"), ("t1c_t1n", "paper_t1c_to_t1n.json")):
+        values = {k: v for k, v in json.loads((BUNDLE / "configs" / overlay).read_text()).items() if k[0] != "_"}
+        assert values == PAPER_FOUND[task], overlay
+    t1 = _parser("inference.json", "task_t1c_to_t1n.json")
+    assert t1.get_parsed_content("sources") == ["t1c"] and t1.get_parsed_content("target") == "t1n"
+    assert t1.get_parsed_content("weights_name") == "model_t1c_t1n.pt"
+    no_mask = _parser("inference.json", "train.json", "train_no_mask.json")
+    assert no_mask.get_parsed_content("mask_weight") == 0.0
+    assert no_mask.get_parsed_content("weights_name") == "model_no_mask.pt"
+
+
+def test_training_chain_gives_batch_samples_slices_with_source_target_and_lesion_mask(phantom_root, tmp_path):
+    from common.data.datalist import build_datalist
+
+    build_datalist(phantom_root, tmp_path / "datalist.json", folds=2, seed=0, progress=False)
+    parser = _parser("inference.json", "train.json", "demo.json", datalist=str(tmp_path / "datalist.json"),
+                     batch_samples=3)
+    chain = parser.get_parsed_content("train#preprocessing")
+    item = parser.get_parsed_content("train#dataset#data")[0]
+    samples = chain(dict(item))
+    assert isinstance(samples, list) and len(samples) == 3
+    for s in samples:
+        assert tuple(s["source"].shape) == (1, 96, 96) and tuple(s["target"].shape) == (1, 96, 96)
+        assert s["source"].min() >= 0 and s["source"].max() <= 1 and s["brain"].any()
+        assert set(torch.unique(s["mask"]).tolist()) <= {0.0, 1.0}
+        assert not s["mask"][s["brain"] == 0].any()  # the lesion sits in the brain
+
+
+# ------------------------------------------------------------------------------------------ inference
+@pytest.fixture
+def missing_flair(phantom_root, tmp_path):
+    """Two phantom cases with their FLAIR deleted."""
+    root = tmp_path / "dataset"
+    for case in sorted(p for p in phantom_root.iterdir() if p.is_dir())[:2]:
+        shutil.copytree(case, root / case.name)
+        (root / case.name / f"{case.name}-t2f.nii.gz").unlink()
+    return root
+
+
+def _impute(configs=DEMO, **overrides):
+    from common.bundle import run_bundle
+
+    return run_bundle(NAME, list(configs), **overrides)
+
+
+def _user_error(configs=DEMO, **overrides) -> DataError:
+    """The DataError a run stops with (monai.bundle wraps it in RuntimeError; the excepthook prints it alone)."""
+    from common.errors import user_error
+
+    with pytest.raises(Exception) as info:
+        _impute(configs, **overrides)
+    err = user_error(info.value)
+    assert isinstance(err, DataError), info.value
+    return err
+
+
+def test_bundle_imputes_on_the_source_grid_with_a_sidecar_and_the_dataset_validates(missing_flair, tmp_path,
+                                                                                     one_torch_thread):
+    from common.data.datalist import build_datalist
+
+    records = _impute(dataset_dir=str(missing_flair), in_place=True, progress=False)[0]
+    assert len(records) == 2
+    for rec in records:
+        out, src = nib.load(rec["output"]), nib.load(rec["output"].replace("-t2f.", "-t2w."))
+        assert out.shape == src.shape
+        np.testing.assert_array_equal(out.affine, src.affine)
+        for field in HEADER_FIELDS:
+            np.testing.assert_array_equal(out.header[field], src.header[field], err_msg=field)
+        data = np.asarray(out.dataobj)
+        assert data.min() >= 0 and data.max() <= 1 and data.any()
+        assert not data[np.asarray(src.dataobj) == 0].any()
+        side = json.loads(Path(rec["sidecar"]).read_text())
+        assert side["synthetic"] is True and side["target"] == "t2f" and list(side["sources"]) == ["t2w"]
+        assert "model.pt (sha256 " in side["model"]
+    build_datalist(missing_flair, tmp_path / "imputed.json", folds=1, progress=False)  # a valid dataset again
+    # a second run finds the imputed files: refused by name, nothing replaced
+    before = Path(records[0]["output"]).stat().st_mtime_ns
+    err = _user_error(dataset_dir=str(missing_flair), in_place=True, progress=False)
+    assert "already exists (an earlier imputation)" in str(err) and Path(records[0]["output"]).name in str(err)
+    assert Path(records[0]["output"]).stat().st_mtime_ns == before
+
+
+def test_bundle_never_overwrites_an_acquired_scan_and_writes_copies_elsewhere(phantom_root, tmp_path,
+                                                                              one_torch_thread):
+    case = sorted(p for p in phantom_root.iterdir() if p.is_dir())[0]
+    acquired = case / f"{case.name}-t2f.nii.gz"
+    stamp = acquired.stat().st_mtime_ns
+    assert "already exists (an acquired scan)" in str(_user_error(dataset_dir=str(case), in_place=True,
+                                                                  progress=False))
+    assert acquired.stat().st_mtime_ns == stamp
+    records = _impute(dataset_dir=str(case), output_dir=str(tmp_path / "out"), progress=False)[0]
+    assert Path(records[0]["output"]).is_relative_to(tmp_path / "out")
+    assert (tmp_path / "out" / case.name / f"{case.name}-t2w.nii.gz").exists()  # the copy is a whole case
+
+
+@pytest.mark.parametrize("problem", ["source_missing", "source_is_target", "other_task_weights", "no_input"])
+def test_bad_inference_input_is_refused_by_name(problem, missing_flair, tmp_path):
+    overrides = {"dataset_dir": str(missing_flair), "output_dir": str(tmp_path / "out"), "progress": False}
+    configs = DEMO
+    if problem == "source_missing":
+        victim = next(missing_flair.glob("*/*-t2w.nii.gz"))
+        victim.unlink()
+        match, named = "source contrast t2w", victim.name
+    elif problem == "source_is_target":
+        overrides.update(sources=["t2f"], target="t2f", load_path=str(BUNDLE / "models" / "model.pt"))
+        match, named = "also a source", "--target"
+    elif problem == "other_task_weights":
+        overrides.update(load_path=str(BUNDLE / "models" / "model.pt"))
+        configs = ["inference.json", "task_t1c_to_t1n.json", "demo.json"]
+        match, named = "trained for t2w -> t2f", "model.pt"
+    else:
+        overrides["dataset_dir"] = ""
+        match, named = "no input given", "--dataset_dir"
+    err = _user_error(configs, **overrides)
+    assert match in str(err) and named in str(err), str(err)
+    assert not list((tmp_path / "out").rglob("*-t2f.*"))  # nothing half-written
+
+
+def test_a_lesion_mask_on_another_grid_stops_training_naming_the_file(phantom_root, tmp_path):
+    from common.cgan_imputation.data import apply_chain
+    from common.data.datalist import build_datalist
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_root, data)
+    build_datalist(data, tmp_path / "datalist.json", folds=2, seed=0, progress=False)
+    parser = _parser("inference.json", "train.json", "demo.json", datalist=str(tmp_path / "datalist.json"))
+    item = parser.get_parsed_content("train#dataset#data")[0]
+    seg = Path(item["label"])
+    img = nib.load(str(seg))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine, img.header), str(seg))
+    with pytest.raises(DataError, match="differs from") as err:
+        apply_chain(parser.get_parsed_content("train#preprocessing"), item)
+    assert seg.name in str(err.value)
+
+
+@pytest.mark.slow  # one interpreter start through monai.bundle run (15-40 s on the shared cores)
+def test_a_user_mistake_through_monai_bundle_run_is_one_line(tmp_path):
+    proc = _bundle_cmd(["run", "--config_file", "['configs/inference.json','configs/demo.json']",
+                        "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
+                        "--dataset_dir", str(tmp_path / "nowhere")], check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: .*nowhere: input does not exist.*", last), last
+    assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ training
+TINY = ["--phantom_shape", "[48,48,32]", "--phantom_cases", "4", "--spatial_size", "[48,48]", "--batch_size", "2",
+        "--val_batch", "32"]
+
+
+def _losses(log: str) -> list[float]:
+    return [float(v) for v in re.findall(r"train_loss: ([0-9.]+)", log)]
+
+
+@pytest.mark.slow
+def test_training_through_monai_bundle_run_on_one_and_two_processes(tmp_path):
+    from common.cgan_imputation.impute import load_generator
+
+    common = ["--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
+              "--cache_dir", str(tmp_path / "cache"), *TINY]
+    files = "['configs/inference.json','configs/train.json','configs/task_t1c_to_t1n.json','configs/demo.json'"
+    proc = _bundle_cmd(["run", "training", "--config_file", files + "]", *common, "--max_iterations", "6",
+                        "--val_interval", "3", "--output_dir", str(tmp_path / "runs"),
+                        "--ckpt_dir", str(tmp_path / "models")])
+    log = proc.stdout + proc.stderr
+    assert len(_losses(log)) == 6 and "val_ssim" in log  # 3 training cases, batch 2 -> 2 iterations an epoch
+    gen, info = load_generator(tmp_path / "models" / "model_t1c_t1n.pt")
+    assert info["sources"] == ["t1c"] and info["target"] == "t1n" and info["spatial_size"] == [48, 48]
+    assert info["generator_config"]["base_channels"] == 16
+    assert (tmp_path / "runs" / "model_t1c_t1n" / "latest.pt").exists()  # full state for an exact resume
+    # two processes (gloo): 2 training cases per process, batch 2 -> 1 iteration an epoch, logged by rank 0
+    multi = files + ",'configs/multi_gpu_train.json']"
+    proc = _bundle_cmd(["--nproc_per_node=2", "-m", "monai.bundle", "run", "training", "--config_file", multi, *common,
+                        "--max_iterations", "2", "--val_interval", "2", "--output_dir", str(tmp_path / "runs2"),
+                        "--ckpt_dir", str(tmp_path / "models2")],
+                       runner=[PY, "-m", "torch.distributed.run", "--standalone"])
+    assert len(_losses(proc.stdout + proc.stderr)) == 2, (proc.stdout + proc.stderr)[-2000:]
+    state = torch.load(tmp_path / "models2" / "model_t1c_t1n.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state["generator"])
+
+
+@pytest.mark.slow
+def test_search_through_the_bundle_resumes_from_its_database_and_its_overlay_trains(tmp_path):
+    from common.bundle import run_bundle
+    from common.cgan_imputation.impute import load_generator
+
+    tiny = {"phantom_shape": [48, 48, 32], "phantom_cases": 4, "spatial_size": [48, 48], "val_batch": 32,
+            "cache_dir": str(tmp_path / "cache"), "max_iterations": 4, "val_interval": 1,
+            "output_dir": str(tmp_path / "trials"), "ckpt_dir": str(tmp_path / "trial_models"), "resume": False}
+    configs = ["inference.json", "train.json", "demo.json"]
+    search = dict(tune_dir=str(tmp_path / "tune"), train_configs=configs, trial_overrides=tiny, plots=False)
+    first = run_bundle(NAME, ["tune.json"], run_id="tune", n_trials=2, **search)[0]
+    assert sum(first["n_trials"].values()) == 2 and (tmp_path / "tune" / "study.db").exists()
+    again = run_bundle(NAME, ["tune.json"], run_id="tune", n_trials=3, **search)[0]
+    assert again["resumed_with_finished"] == 2 and sum(again["n_trials"].values()) == 3
+    overlay = json.loads((tmp_path / "tune" / "best_overlay.json").read_text())
+    assert set(overlay) == {"learning_rate", "batch_size", "batch_samples", "l1_weight", "mask_weight"}
+    assert overlay == again["best_params"]
+    # the overlay trains: layered after the bundle's configs
+    run_bundle(NAME, [*configs, str(tmp_path / "tune" / "best_overlay.json")], run_id="training",
+               **{**tiny, "ckpt_dir": str(tmp_path / "best"), "output_dir": str(tmp_path / "best_runs")})
+    _, info = load_generator(tmp_path / "best" / "model.pt")
+    assert info["iterations"] >= 4
+
+
+# ------------------------------------------------------------------------------------------ demo weights
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """Four phantom cases of another seed at the demo weights' grid: never seen in training."""
+    from common.bundle import phantom_datalist, training_items
+
+    shape = _parser("inference.json", "train.json", "demo.json")["phantom_shape"]
+    path = phantom_datalist(tmp_path_factory.mktemp("held_out"), n=4, shape=shape, seed=HELD_OUT_SEED, folds=1,
+                            progress=False)
+    return training_items(path, "training")
+
+
+def _score(weights: str, sources, target, items):
+    from common.cgan_imputation.evaluate import score_generator
+    from common.cgan_imputation.impute import load_generator
+
+    gen, info = load_generator(BUNDLE / "models" / weights)
+    assert info["sources"] == list(sources) and info["target"] == target
+    return score_generator(gen, items, sources, target, batch=32, spatial_size=info["spatial_size"])["summary"]
+
+
+@pytest.mark.slow  # three demo models over four held-out volumes
+def test_demo_models_beat_the_input_on_held_out_cases_and_the_mask_loss_effect_is_measured(held_out,
+                                                                                           one_torch_thread):
+    t2f = _score("model.pt", ["t2w"], "t2f", held_out)
+    t1n = _score("model_t1c_t1n.pt", ["t1c"], "t1n", held_out)
+    no_mask = _score("model_no_mask.pt", ["t2w"], "t2f", held_out)
+    for task, s in (("t2w -> t2f", t2f), ("t1c -> t1n", t1n), ("t2w -> t2f, no mask loss", no_mask)):
+        b = s["ssim_brain"]
+        print(f"\n{task}: SSIM brain predicted {b['predicted']['mean']:.3f} ± {b['predicted']['std']:.3f} vs input "
+              f"{b['input']['mean']:.3f} ± {b['input']['std']:.3f} (n={b['n_scans']}); lesion SSIM "
+              f"{s['ssim_lesion']['predicted']['mean']:.3f} vs {s['ssim_lesion']['input']['mean']:.3f}, lesion MAE "
+              f"{s['mae_lesion']['predicted']['mean']:.4f} vs {s['mae_lesion']['input']['mean']:.4f}")
+    for s in (t2f, t1n):
+        assert s["ssim_brain"]["n_scans"] == 4
+        assert s["ssim_brain"]["predicted"]["mean"] > s["ssim_brain"]["input"]["mean"]
+        assert s["mae_brain"]["predicted"]["mean"] < s["mae_brain"]["input"]["mean"]
+    # the lesion-mask loss, whichever way it goes: both models scored in the same lesions
+    with_mask, without = t2f["mae_lesion"]["predicted"], no_mask["mae_lesion"]["predicted"]
+    assert with_mask["n"] == without["n"] == 4
+    print(f"lesion MAE with the mask loss {with_mask['mean']:.4f}, without {without['mean']:.4f}: the mask loss "
+          f"{'lowers' if with_mask['mean'] < without['mean'] else 'does not lower'} the error inside the lesion")
+
+
+@pytest.mark.slow
+def test_cgan_demo_imputes_a_deleted_flair_and_draws_it_beside_the_real_one(tmp_path, one_torch_thread):
+    from common.cgan_imputation.demo import cgan_demo
+
+    result = cgan_demo(tmp_path, progress=False)
+    case = Path(result["case"])
+    assert not (tmp_path / "real").samefile(case) and Path(result["real"]).exists()
+    imputed, source = nib.load(result["imputed"]), nib.load(str(case / f"{case.name}-t2w.nii.gz"))
+    assert imputed.shape == source.shape and np.allclose(imputed.affine, source.affine)
+    assert json.loads(Path(result["sidecar"]).read_text())["synthetic"] is True
+    assert Path(result["picture"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["ssim_brain"] > result["ssim_input"]
