@@ -16,7 +16,8 @@ from common.metrics.distribution import (
     mmd_from_sums,
     subsample_interval,
 )
-from common.metrics.evaluate import EvalConfig, evaluate_segmentations, evaluate_sets, load_items, load_volume
+from common.metrics.evaluate import (EvalConfig, evaluate_segmentations, evaluate_sets, evaluate_shard, load_items,
+                                     load_volume, merge_shards)
 from common.metrics.features import (
     SliceFeatureExtractor,
     VolumeFeatureExtractor,
@@ -34,23 +35,31 @@ from common.metrics.segmentation import (
     segmentation_scores,
 )
 from common.metrics.similarity import (
+    MS_SSIM_OPTIONS,
+    SSIM_OPTIONS,
     mae,
     ms_ssim,
     ms_ssim_diversity,
     ms_ssim_fidelity,
+    ms_ssim_option,
     ms_ssim_settings,
+    normalised_paired_scores,
     paired_scores,
     percentile_normalise,
     psnr,
     ssim,
+    ssim_option,
+    ssim_regions,
 )
 
 __all__ = [
-    "EvalConfig", "evaluate_sets", "evaluate_segmentations", "load_items", "load_volume",
+    "EvalConfig", "evaluate_sets", "evaluate_shard", "merge_shards", "evaluate_segmentations", "load_items",
+    "load_volume",
     "SliceFeatureExtractor", "VolumeFeatureExtractor", "build_extractor", "extract_features", "find_weights",
     "frechet_distance", "kernel_inception_distance", "mmd2_unbiased", "image_mmd", "MMDSums", "mmd_from_sums", "subsample_interval",
     "fid_report", "kid_report", "metric_vs_count",
     "ssim", "psnr", "mae", "ms_ssim", "ms_ssim_settings", "ms_ssim_fidelity", "ms_ssim_diversity",
+    "SSIM_OPTIONS", "MS_SSIM_OPTIONS", "ssim_option", "ms_ssim_option", "ssim_regions", "normalised_paired_scores",
     "paired_scores", "percentile_normalise",
     "binary_scores", "segmentation_scores", "cohen_kappa", "mean_scores", "region_values", "conditioning_fidelity",
     "classification_scores", "nearest_neighbours",
