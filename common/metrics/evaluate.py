@@ -399,8 +399,12 @@ def score_units(plan: Plan, config: EvalConfig, units: Sequence[tuple[str, int]]
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                  initargs=(plan, config, extractor, threads)) as pool:
             futures = [pool.submit(_run_unit, u) for u in units]
-            for fut in as_completed(futures):
-                take(fut.result())
+            try:
+                for fut in as_completed(futures):
+                    take(fut.result())
+            except BaseException:  # a bad file (DataError) or Ctrl-C: do not wait for the rest of the set
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     bar.close()
     acc.cache = cache_counts if (config.extractor or extractor is not None) else None
     return acc
