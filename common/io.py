@@ -33,6 +33,17 @@ def cache_dir() -> Path:
     return Path(base)
 
 
+def file_hash(path: str | os.PathLike, hash_type: str = "sha256") -> str:
+    """Hex digest of a file, read in chunks (weights can be GBs): release hashes, feature-cache keys, sidecars."""
+    import hashlib
+
+    h = hashlib.new(hash_type)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file (or case) and the problem."""
 

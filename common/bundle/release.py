@@ -11,7 +11,6 @@ are written beside the zip under ``<out>/NAME/<path>``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from common.io import DataError, atomic_path
+from common.io import DataError, atomic_path, file_hash
 
 SCHEMA_NAME = "meta_schema_20240725.json"
 
@@ -61,15 +60,6 @@ def check_metadata(meta_file: str | os.PathLike) -> None:
     except jsonschema.ValidationError as e:
         where = "/".join(map(str, e.absolute_path)) or "top level"
         raise DataError(meta_file, f"fails the model-zoo metadata schema at {where}: {e.message[:300]}") from e
-
-
-def file_hash(path: str | os.PathLike, hash_type: str = "sha256") -> str:
-    """Hex digest of a file, read in chunks (weights can be GBs)."""
-    h = hashlib.new(hash_type)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_large_files(root: str | os.PathLike, require_hash: bool = True) -> list[dict]:

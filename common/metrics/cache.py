@@ -14,22 +14,14 @@ from pathlib import Path
 
 import torch
 
-from common.io import DataError, cache_dir, torch_load, torch_save
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from common.io import DataError, cache_dir, file_hash, torch_load, torch_save
 
 
 def extractor_key(name: str, weights: str | None = None, options: dict | None = None) -> str:
     """Identity of an extractor: name, content hash of its weight (or TorchScript) file, options."""
     files = [p for p in (weights, name) if p and Path(p).is_file()]
     ident = {"name": Path(name).name if Path(name).is_file() else name,
-             "files": [sha256(p) for p in files], "options": options or {}}
+             "files": [file_hash(p) for p in files], "options": options or {}}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -44,7 +36,7 @@ class FeatureCache:
 
     def _path(self, file: str, channel=None) -> Path:
         if file not in self._hashes:
-            self._hashes[file] = sha256(file)
+            self._hashes[file] = file_hash(file)
         suffix = f"-c{int(channel)}" if channel is not None else ""
         return self.folder / f"{self._hashes[file]}{suffix}.pt"
 
