@@ -15,8 +15,10 @@ DEMO_CONFIGS = ("inference.json", "task_t2w_to_t2f.json", "demo.json")
 HELD_OUT_SEED = 1000  # the demo weights were trained on phantom seed 0
 
 
-def _picture(source: np.ndarray, imputed: np.ndarray, real: np.ndarray, path: Path, title: str) -> Path:
-    """Middle-of-tumour axial slice of the three volumes, one row (all in the [0, 1] units of the bundle)."""
+def _picture(source: np.ndarray, imputed: np.ndarray, real: np.ndarray, path: Path, title: str,
+             lesion: np.ndarray | None = None) -> Path:
+    """The axial slice with most tumour (most brain without a label) of the three volumes, one row, all in the
+    [0, 1] units of the bundle."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,7 +26,8 @@ def _picture(source: np.ndarray, imputed: np.ndarray, real: np.ndarray, path: Pa
 
     from common.io import atomic_path
 
-    z = int(np.argmax((real > 0).sum(axis=(0, 1)))) if real.any() else real.shape[2] // 2
+    where = lesion if lesion is not None and lesion.any() else real > 0
+    z = int(np.argmax(where.sum(axis=(0, 1)))) if where.any() else real.shape[2] // 2
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
     for ax, (name, vol) in zip(axes, (("T2 (input)", source), ("FLAIR imputed", imputed), ("FLAIR real", real))):
         ax.imshow(np.rot90(vol[:, :, z]), cmap="gray", vmin=0, vmax=1)
@@ -74,7 +77,9 @@ def cgan_demo(out_dir: str | os.PathLike, seed: int = HELD_OUT_SEED, progress: b
     scores = score_scan(imputed, data["target"][0].numpy(), data["source"][0].numpy(), label if label.exists() else None,
                         case=case.name)
     ssim, ssim_in = scores["predicted"]["ssim_brain"], scores["input"]["ssim_brain"]
+    lesion = load_nifti(label)[0] > 0 if label.exists() else None
     picture = _picture(data["source"][0].numpy(), imputed, data["target"][0].numpy(), out / "cgan_imputation.png",
-                       f"{case.name}: FLAIR imputed from T2 (demo weights) -- SSIM {ssim:.3f} vs T2 input {ssim_in:.3f}")
+                       f"{case.name}: FLAIR imputed from T2 (demo weights) -- SSIM {ssim:.3f} vs T2 input {ssim_in:.3f}",
+                       lesion)
     return {"case": str(case), "imputed": record["output"], "sidecar": record["sidecar"], "real": str(real),
             "picture": str(picture), "ssim_brain": ssim, "ssim_input": ssim_in, "seconds": round(seconds, 2)}
