@@ -232,7 +232,8 @@ def sample(ctx: BenchmarkContext) -> dict:
     model_mib = mem.peak_mib()
 
     def sampler_for(kind: str, steps: int):
-        sched = make_scheduler(kind, steps if kind == "ddpm" else p("num_train_timesteps"), p("beta_schedule"))
+        sched = make_scheduler(kind, steps if kind == "ddpm" else p("num_train_timesteps"), p("beta_schedule"),
+                               clip_sample=p("clip_sample"), clip_range=p("clip_range"))
         return DiffusionSampler(sched, num_inference_steps=steps, guidance_scale=guidance, progress=False)
 
     results, extrapolated = sampling_rows(ctx, network, mask, sampler_for)
@@ -241,4 +242,66 @@ def sample(ctx: BenchmarkContext) -> dict:
              f"network ~{model_mib} MiB before sampling"]
     if extrapolated:
         notes.append(extrapolation_note(ctx))
+    return {"results": results, "notes": notes}
+
+
+def quality(ctx: BenchmarkContext) -> dict:
+    """Quality against steps on the committed demo model: for each ``ctx.samplers`` entry, samples from held-out
+    phantom masks, their seconds, the compartment-signature error against the real phantom of the same mask
+    (mean |generated - real| of each compartment's mean intensity, [0, 1] units, lower is better) and the
+    mask-agreement score (eta^2, the synthesis quality score)."""
+    import tempfile
+    import time
+
+    import numpy as np
+
+    from common.bundle import bundle_config, phantom_datalist, prepare_cases
+    from common.benchmarks.runner import SAMPLER_NAMES, result
+    from common.generation.synthesis import mask_agreement_score
+    from common.gliomagen.demo import DEMO_CONFIGS, HELD_OUT_SEED
+    from common.io import load_nifti
+    from common.samplers import DiffusionSampler, make_scheduler
+
+    if ctx.size != "demo":
+        raise ValueError("the quality suite scores the committed demo weights: use --size demo")
+    n_masks = int(ctx.overrides.get("quality_masks", 4))
+    parser = bundle_config("brats_mri_gliomagen", DEMO_CONFIGS, device=f"$torch.device('{ctx.device}')")
+    p = parser.get_parsed_content
+    network, contrasts = p("network"), p("contrasts")
+    import torch
+
+    with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
+        datalist = phantom_datalist(tmp, n=n_masks, shape=parser["phantom_shape"], seed=HELD_OUT_SEED, folds=1,
+                                    layout="brats2024", progress=False)
+        cases = prepare_cases(datalist, f"{tmp}/cases", "brats_mri_gliomagen", DEMO_CONFIGS,
+                              section=("training", "validation"), progress=False)
+        real = [({c: load_nifti(case[c])[0] for c in contrasts}, load_nifti(case["label"])[0]) for case in cases]
+    results = []
+    for kind, steps in ctx.samplers:
+        sched = make_scheduler(kind, p("num_train_timesteps"), p("beta_schedule"), clip_sample=p("clip_sample"),
+                               clip_range=p("clip_range"))
+        sampler = DiffusionSampler(sched, num_inference_steps=steps, seed=0, progress=False)
+        ctx.log(f"gliomagen_quality: {kind} {steps} steps on {len(real)} masks")
+        times, errors, scores = [], [], []
+        for images, labels in real:
+            cond = torch.as_tensor(labels.astype(np.float32))[None, None].to(ctx.device)
+            start = time.perf_counter()
+            gen = sampler(cond, network)[0].float().cpu().numpy()
+            times.append(time.perf_counter() - start)
+            volumes = dict(zip(contrasts, gen))
+            for c in contrasts:
+                for lab in range(2, 6):
+                    if np.any(labels == lab):
+                        errors.append(abs(float(volumes[c][labels == lab].mean() - images[c][labels == lab].mean())))
+            scores.append(mask_agreement_score(volumes, labels, scheme="six_label"))
+        results.append(result("per_sample", f"{SAMPLER_NAMES[kind]}-{steps}", times,
+                              "s/sample", signature_error=float(np.mean(errors)),
+                              mask_agreement=float(np.mean([s for s in scores if s is not None]))))
+    real_scores = [mask_agreement_score(images, labels, scheme="six_label") for images, labels in real]
+    notes = [f"committed demo weights (bundles/brats_mri_gliomagen/models, {'x'.join(map(str, parser['spatial_size']))}); "
+             f"{len(real)} held-out phantom masks (seed {HELD_OUT_SEED}), 1 sample each, seed 0",
+             "signature_error: mean over masks, contrasts and tumor compartments of |mean generated - mean real "
+             "intensity| in [0, 1] units (lower is better)",
+             f"mask_agreement: eta^2 of the intensities with the compartments (the synthesis quality score); the real "
+             f"phantoms score {float(np.mean([s for s in real_scores if s is not None])):.3f}"]
     return {"results": results, "notes": notes}

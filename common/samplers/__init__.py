@@ -29,16 +29,21 @@ def make_scheduler(
     beta_end: float = 0.0195,
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
+    clip_range: Sequence[float] = (-1.0, 1.0),
 ):
     """A MONAI scheduler for sampling; DDPM/DDIM must use the betas the model was trained with.
 
-    ``clip_sample`` clips the predicted x0 to [-1, 1]: off for latents and z-scored images, which are unbounded.
+    ``clip_sample`` clips each step's predicted x0 to ``clip_range`` (the data's range, e.g. [0, 1] for Med-DDPM
+    images): without it a few-step DDIM on a cosine schedule divides by a tiny sqrt(alpha_bar) at the first steps
+    and the estimate runs away. Off for latents and z-scored images, which are unbounded.
     """
     name = str(sampler).lower()
     if name in ("ddpm", "ddim"):
         cls = DDPMScheduler if name == "ddpm" else DDIMScheduler
         kwargs = {} if schedule == "cosine" else {"beta_start": beta_start, "beta_end": beta_end}
-        return cls(num_train_timesteps, schedule, clip_sample=clip_sample, prediction_type=prediction_type, **kwargs)
+        lo, hi = (float(v) for v in clip_range)
+        return cls(num_train_timesteps, schedule, clip_sample=clip_sample, prediction_type=prediction_type,
+                   clip_sample_min=lo, clip_sample_max=hi, **kwargs)
     if name == "rflow":
         return RFlowScheduler(num_train_timesteps, use_discrete_timesteps=True)
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
