@@ -33,6 +33,9 @@ def test_demo_runs_every_step_and_resumes(tmp_path, monkeypatch, capsys):
     gliomagen = Image.open(out / "gliomagen" / "gliomagen.png")
     assert gliomagen.height > 2 * gliomagen.width / 4  # augmentation preview + two generated montages
     assert list((out / "gliomagen" / "generated_augmented").glob("*/*-t2f.nii.gz"))
+    for folder, name in (("vqgan_transformer", "*.png"), ("cgan_imputation", "cgan_imputation.png")):
+        pictures = sorted((out / folder).glob(name))
+        assert pictures and all(Image.open(p).height > 50 for p in pictures), folder
 
     mtimes = [r.stat().st_mtime_ns for r in records]
     capsys.readouterr()
