@@ -52,6 +52,7 @@ SUITES = {
     "metrics": "common.benchmarks.metrics:metrics",
     "gliomagen_train": "common.gliomagen.benchmark:train",
     "gliomagen_sample": "common.gliomagen.benchmark:sample",
+    "gliomagen_quality": "common.gliomagen.benchmark:quality",
     "gliomagen_masks": "common.gliomagen.benchmark:masks",
     "gliomagen_synthesis": "common.gliomagen.benchmark:synthesis",
     "vqgan_train": "common.vqgan_transformer.benchmark:train",
