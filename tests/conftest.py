@@ -49,3 +49,18 @@ def phantom_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms_brats2023")
     make_phantoms(root, n=6, layout="brats2023", seed=0, shape=TINY_SHAPE, progress=False)
     return root
+
+
+@pytest.fixture
+def without_flair(phantom_root, tmp_path):
+    """``without_flair(n)``: a copy of the first ``n`` phantom cases with their FLAIR deleted (imputation input)."""
+    import shutil
+
+    def make(n: int):
+        root = tmp_path / "dataset"
+        for case in sorted(p for p in phantom_root.iterdir() if p.is_dir())[:n]:
+            shutil.copytree(case, root / case.name)
+            (root / case.name / f"{case.name}-t2f.nii.gz").unlink()
+        return root
+
+    return make

@@ -106,13 +106,9 @@ def test_training_chain_gives_batch_samples_slices_with_source_target_and_lesion
 
 # ------------------------------------------------------------------------------------------ inference
 @pytest.fixture
-def missing_flair(phantom_root, tmp_path):
+def missing_flair(without_flair):
     """Two phantom cases with their FLAIR deleted."""
-    root = tmp_path / "dataset"
-    for case in sorted(p for p in phantom_root.iterdir() if p.is_dir())[:2]:
-        shutil.copytree(case, root / case.name)
-        (root / case.name / f"{case.name}-t2f.nii.gz").unlink()
-    return root
+    return without_flair(2)
 
 
 def _impute(configs=DEMO, **overrides):

@@ -26,13 +26,9 @@ HEADER_FIELDS = ("dim", "pixdim", "qform_code", "sform_code", "quatern_b", "quat
 
 
 @pytest.fixture
-def missing_flair(phantom_root, tmp_path):
+def missing_flair(without_flair):
     """A copy of three phantom cases with their FLAIR deleted."""
-    root = tmp_path / "dataset"
-    for case in sorted(p for p in phantom_root.iterdir() if p.is_dir())[:3]:
-        shutil.copytree(case, root / case.name)
-        (root / case.name / f"{case.name}-t2f.nii.gz").unlink()
-    return root
+    return without_flair(3)
 
 
 @pytest.fixture(scope="module")
