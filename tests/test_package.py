@@ -162,6 +162,59 @@ def _first_run_command(bundle: Path) -> list[str]:
     raise AssertionError(f"{bundle}/docs/README.md documents no `python -m monai.bundle run` command")
 
 
+def _first_input(cmd: list[str], bundle: Path, tmp: Path):
+    """Put a real input where the docs' first command has a placeholder (in place), and return the check of what
+    that command must write: 4 contrasts on a mask's grid (mask-conditioned generators), the imputed contrast
+    beside a case's sources (imputation), or the requested ROIs (class-conditional generation)."""
+    import nibabel as nib
+
+    from common.bundle.data import phantom_datalist
+    from common.bundle.prepare import prepare_cases
+
+    demo = json.loads((bundle / "configs" / "demo.json").read_text())
+    masks = [i for i, a in enumerate(cmd) if a.endswith((".nii.gz", ".nii"))]
+    if masks:  # a mask already on the demo grid (the bundle's own preparation chain); scanner-space input: issue 11
+        datalist = phantom_datalist(tmp / "cache", n=1, shape=tuple(demo.get("phantom_shape", (64, 64, 40))),
+                                    seed=1000, folds=1, progress=False)
+        (case,) = prepare_cases(datalist, tmp / "masks", bundle, ["inference.json", "demo.json"],
+                                section=("training", "validation"), progress=False)
+        mask = Path(case["label"])
+        cmd[masks[0]] = str(mask)
+
+        def check(generated):
+            contrasts = {p.name.rsplit("-", 1)[-1].split(".")[0] for p in generated}
+            assert {"t1n", "t1c", "t2w", "t2f"} <= contrasts, [p.name for p in generated]
+            for p in generated:
+                assert nib.load(p).shape[:3] == nib.load(mask).shape, p
+        return check
+
+    if "--dataset_dir" in cmd:  # one case folder lacking the target contrast
+        from common.phantom import make_phantoms
+
+        root = tmp / "case_dataset"
+        make_phantoms(root, n=1, layout="brats2023", seed=3, shape=tuple(demo.get("phantom_shape", (64, 64, 40))),
+                      progress=False)
+        (case,) = [p for p in root.iterdir() if p.is_dir()]
+        (case / f"{case.name}-t2f.nii.gz").unlink()
+        cmd[cmd.index("--dataset_dir") + 1] = str(case)
+
+        def check(generated):
+            (imputed,) = [p for p in generated if p.name == f"{case.name}-t2f.nii.gz"]
+            assert nib.load(imputed).shape == nib.load(case / f"{case.name}-t2w.nii.gz").shape
+            assert json.loads(imputed.with_name(f"{case.name}-t2f.json").read_text())["synthetic"] is True
+            assert not (case / f"{case.name}-t2f.nii.gz").exists()  # the input case is left as it was
+        return check
+
+    count = int(cmd[cmd.index("--count") + 1])
+    classes = ["LGG", "HGG"] if cmd[cmd.index("--class") + 1] == "both" else [cmd[cmd.index("--class") + 1]]
+
+    def check(generated):
+        assert sorted(p.name.split("_")[-1].split(".")[0] for p in generated) == sorted(classes * count)
+        manifest = json.loads((generated[0].parent / "manifest.json").read_text())
+        assert len(manifest["samples"]) == len(classes) * count
+    return check
+
+
 def _build_wheel(tmp: Path) -> Path:
     """The project's wheel, built from a copy of what the distribution holds (the checkout stays untouched)."""
     src = tmp / "src"
@@ -208,12 +261,9 @@ def _fresh_venv(tmp: Path, wheel: Path) -> Path:
 @pytest.mark.parametrize("name", [b.name for b in BUNDLES if (b / "configs" / "demo.json").is_file()])
 def test_download_from_loopback_and_generate_from_the_wheel(name, tmp_path, one_torch_thread):
     """The wheel in a fresh venv; both release forms downloaded from 127.0.0.1; the docs' first run command, as
-    written, from the unpacked bundle folder (outside the repository, no PYTHONPATH) writes the 4 contrasts, and
-    so does the same command from another folder with ``--bundle_root``."""
-    import nibabel as nib
-
-    from common.bundle.data import phantom_datalist
-    from common.bundle.prepare import prepare_cases
+    written with a real input in place of its placeholder, from the unpacked bundle folder (outside the
+    repository, no PYTHONPATH) writes what the bundle promises, and so does the same command from another folder
+    with ``--bundle_root``."""
     from common.bundle.release import write_release
 
     tmp = tmp_path
@@ -252,32 +302,19 @@ def test_download_from_loopback_and_generate_from_the_wheel(name, tmp_path, one_
         for e in hosted["large_files"]:
             assert (bundle / e["path"]).read_bytes() == (source / e["path"]).read_bytes(), e["path"]
 
-    # a mask already on the demo grid (the bundle's own preparation chain): scanner-space input is issue 11's
-    # config work; a raw phantom mask goes here once inference resamples its input
-    demo = json.loads((bundle / "configs" / "demo.json").read_text())
-    datalist = phantom_datalist(tmp / "cache", n=1, shape=tuple(demo.get("phantom_shape", (64, 64, 40))), seed=1000,
-                                folds=1, progress=False)
-    (case,) = prepare_cases(datalist, tmp / "masks", bundle, ["inference.json", "demo.json"],
-                            section=("training", "validation"), progress=False)
-    mask = Path(case["label"])
-
     cmd = _first_run_command(bundle)
     assert cmd[:4] == ["python", "-m", "monai.bundle", "run"], cmd
     cmd = [str(py)] + cmd[1:]
-    cmd = [str(mask) if a.endswith((".nii.gz", ".nii")) else a for a in cmd]  # the docs' placeholder mask
     out = tmp / "generated"
     if "--output_dir" in cmd:
         cmd[cmd.index("--output_dir") + 1] = str(out)
     else:
         cmd += ["--output_dir", str(out)]
+    check = _first_input(cmd, bundle, tmp)
     proc = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{shlex.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     generated = sorted(out.rglob("*.nii.gz"))
-    contrasts = {p.name.rsplit("-", 1)[-1].split(".")[0] for p in generated}
-    assert {"t1n", "t1c", "t2w", "t2f"} <= contrasts, [p.name for p in generated]
-    shape = nib.load(mask).shape
-    for p in generated:
-        assert nib.load(p).shape[:3] == shape, p
+    check(generated)
 
     # the same command from another folder, the bundle named by --bundle_root and absolute config paths
     configs = cmd[cmd.index("--config_file") + 1]
