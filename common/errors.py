@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
-__all__ = ["install", "user_error"]
+__all__ = ["fail", "install", "user_error", "warn"]
 
 
 def user_error(exc: BaseException | None) -> BaseException | None:
@@ -27,6 +28,25 @@ def user_error(exc: BaseException | None) -> BaseException | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def fail(err: BaseException | str, note: str = "") -> NoReturn:
+    """End a command on a user mistake caught by name: ``error: <where>: <problem>[; note]`` on one line of
+    stderr, exit status 1 -- the line the hook prints for an uncaught one."""
+    sys.stderr.write(f"error: {err}{'; ' + note if note else ''}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def warn(where, problem: str, record: list | None = None) -> str:
+    """Input that can still be processed but may not be what the user meant: ``warning: <where>: <problem>`` on
+    stderr, and appended to ``record`` (what the command writes into its output JSON)."""
+    message = f"{where}: {problem}"
+    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.flush()
+    if record is not None:
+        record.append(message)
+    return message
 
 
 def _hook(previous):

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -51,6 +51,40 @@ class DataError(ValueError):
         self.where = str(where)
         self.problem = problem
         super().__init__(f"{where}: {problem}")
+
+
+def check_flag(flag: str, ok: bool, problem: str) -> None:
+    """Refuse a command-line value before any work starts: ``error: --<flag>: <problem>``."""
+    if not ok:
+        raise DataError(f"--{flag.lstrip('-')}", problem)
+
+
+def check_choice(flag: str, value: Any, choices: Iterable[Any]) -> Any:
+    """``value`` if it is one of ``choices``, else a refusal naming the flag and the choices."""
+    choices = tuple(choices)
+    check_flag(flag, value in choices, f"unknown value {value!r}; choose one of {', '.join(map(str, choices))}")
+    return value
+
+
+def check_output(path: str | os.PathLike, kind: str = "dir", flag: str | None = None) -> Path:
+    """Make sure ``path`` can be written as a ``kind`` ("dir" or "file") before the work that fills it starts:
+    no regular file on the way, a file output that is not a folder (and the reverse), a writable first existing
+    folder. Creates nothing."""
+    path = Path(path).expanduser()
+    where = f"--{flag.lstrip('-')} {path}" if flag else str(path)
+    if kind == "file" and path.is_dir():
+        raise DataError(where, "is a folder; give a file name")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise DataError(where, "is a file, not a folder; give a folder (new or existing)")
+    parent = path if kind == "dir" else path.parent
+    probe = parent.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DataError(where, f"{probe} is a file, so no folder can be made under it")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DataError(where, f"cannot write in {probe} (permission denied)")
+    return path
 
 
 @contextlib.contextmanager
@@ -150,12 +184,22 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def torch_load(path: str | os.PathLike, map_location="cpu") -> Any:
     """Load a checkpoint safely (``weights_only=True``), naming the file when it fails."""
+    import pickle
+
     import torch
 
     path = Path(path)
     if not path.exists():
         raise DataError(path, "checkpoint file does not exist")
+    if path.is_dir():
+        raise DataError(path, "is a folder, not a checkpoint file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise DataError(path, f"cannot load checkpoint ({type(exc).__name__}: {exc})") from exc
+        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc).lower():
+            why = ("not a plain weights file: it is not a PyTorch checkpoint, or it pickles Python objects that "
+                   "weights_only=True refuses to run (save a state dict of tensors and plain values)")
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            why = f"{type(exc).__name__}: {first}"
+        raise DataError(path, f"cannot load checkpoint ({why})") from exc

@@ -124,12 +124,15 @@ def test_api_noised_copies_score_worse_with_diversity_memorisation_and_condition
     assert saved["contrasts"]["t2f"]["fid"]["value"] == pytest.approx(t2f["fid"]["value"])
 
 
-def test_missing_extractor_weights_fail_with_a_clear_message(sets, tmp_path, monkeypatch):
+def test_missing_extractor_weights_fail_with_a_clear_message(sets, tmp_path, monkeypatch, capsys):
     from tools.evaluate import evaluate
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(SystemExit, match="inception_v3_google-0cc3c7bd.pth"):
+    with pytest.raises(SystemExit) as exited:
         evaluate(str(sets / "real"), str(sets / "copy"), str(tmp_path / "out"), progress=False)
+    assert exited.value.code == 1
+    err = capsys.readouterr().err.strip()  # the message lists where it looked, one line per place
+    assert err.startswith("error: ") and "inception_v3_google-0cc3c7bd.pth" in err and err.endswith("nothing written")
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 

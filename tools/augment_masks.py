@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from common.errors import fail
+
 
 def augment_masks(
     masks: str,
@@ -53,6 +55,6 @@ def augment_masks(
         summary = run(masks, out, n=n, seed=seed, scheme=scheme, threshold=threshold, previews=previews,
                       progress=progress, workers=workers, config=AugmentConfig(margin=margin, max_tries=max_tries))
     except DataError as err:
-        sys.exit(f"augment-masks: {err}")
+        fail(err)
     print(json.dumps({k: summary[k] for k in ("written", "rejected", "failed")}), file=sys.stderr)
     return str(Path(out) / "augment_masks.json")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from common.errors import fail
+
 
 def datalist(
     root: str,
@@ -47,7 +49,7 @@ def datalist(
             label_scheme=label_scheme, require_label=require_label, progress=progress,
         )
     except DataError as err:
-        sys.exit(f"datalist: nothing written; {err}")
+        fail(err, "nothing written")
     n_train, n_val = len(data["training"]), len(data["validation"])
     print(
         f"{data['layout']} dataset ({data['label_scheme']} labels): {n_train} training + {n_val} validation cases "

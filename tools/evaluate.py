@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from common.errors import fail
+
 
 def evaluate(
     real: str,
@@ -75,16 +79,17 @@ def evaluate(
     import torch
 
     from common import CONTRASTS
-    from common.io import DataError
+    from common.io import DataError, check_output
     from common.metrics import EvalConfig, evaluate_sets, load_items
     from common.metrics.evaluate import evaluate_shard, merge_shards
 
     if isinstance(contrasts, str):
         contrasts = [c.strip() for c in contrasts.split(",") if c.strip()]
     contrasts = tuple(contrasts or CONTRASTS)
-    unknown = [c for c in contrasts if c not in CONTRASTS]
-    if unknown:
-        raise SystemExit(f"unknown contrasts {unknown}; choose from {CONTRASTS}")
+    check_output(out, "dir", flag="out")  # before the hour of scoring that fills it
+    for flag, path in (("real", real), ("synthetic", synthetic), ("train", train), ("segmenter", segmenter)):
+        if path is not None and not Path(path).exists():
+            raise DataError(f"--{flag} {path}", "does not exist (give a dataset folder or a datalist JSON)")
     options = {}
     if slice_stride != 1 and extractor in ("inception2d", "radimagenet2.5d"):
         options["stride"] = slice_stride
@@ -114,8 +119,8 @@ def evaluate(
         run = merge_shards if merge else evaluate_sets
         metrics = run(real_items, synth_items, out, config,
                       train_items=load_items(train) if train else None, segmenter=seg_net)
-    except (FileNotFoundError, ValueError) as exc:  # DataError is a ValueError: name the file and the problem
-        raise SystemExit(f"evaluate failed: {exc}") from exc
+    except (DataError, FileNotFoundError) as exc:  # user mistakes (missing weights too); anything else is a bug
+        fail(exc, "nothing written")
     for note in metrics["notes"]:
         print(f"note: {note}")
     print(f"wrote {out}/metrics.json, {out}/report.md and {len(metrics['files']) - 2} PNGs")

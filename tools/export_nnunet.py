@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from common.errors import fail
+
 
 def _hq_ids(folders, fraction: float, count: int | None = None) -> list[str]:
     """The best ``fraction`` (or ``count``) of the synthetic cases of the given synthesis folders (by the quality
@@ -66,9 +68,14 @@ def export_nnunet(
     from common.gliomagen.nnunet import (
         CONFIGURATIONS, config_name, export_dataset, export_test_set, paper_configurations, verify_integrity,
     )
-    from common.io import DataError
+    from common.io import DataError, check_output
 
     try:
+        if not 0 < float(hq_fraction) <= 1:
+            raise DataError("--hq_fraction", f"must be in (0, 1], got {hq_fraction}")
+        if hq_count is not None and int(hq_count) < 1:
+            raise DataError("--hq_count", f"must be >= 1, got {hq_count}")
+        check_output(out, "dir", flag="out")
         wanted = CONFIGURATIONS if configs == "all" else (
             tuple(configs) if isinstance(configs, (list, tuple)) else tuple(c.strip() for c in str(configs).split(",")))
         unknown = [c for c in wanted if c not in CONFIGURATIONS]
@@ -102,5 +109,5 @@ def export_nnunet(
         if skipped:
             print(f"skipped (inputs not given): {', '.join(skipped)}", file=sys.stderr)
     except DataError as err:
-        sys.exit(f"export-nnunet: {err}")
+        fail(err)
     return str(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from common.errors import fail
+
 
 def _flag(value) -> bool:
     """fire passes ``--flag false`` as the string "false"."""
@@ -59,7 +61,7 @@ def impute(
             amp_dtype=torch.bfloat16 if _flag(bf16) else None, progress=_flag(progress),
         )
     except DataError as err:
-        sys.exit(f"impute: {err}")
+        fail(err)
     written = [r["output"] for r in records if not r.get("skipped")]
     skipped = len(records) - len(written)
     print(f"imputed {target} for {len(written)} case(s)" + (f", {skipped} skipped (target exists)" if skipped else ""),

@@ -6,6 +6,7 @@ from collections import Counter
 
 
 def _parse_shape(shape):
+    from common.io import DataError
     from common.phantom import DEFAULT_SHAPE, SMALL_SHAPE
 
     if shape is None or shape == "" or shape == "full":
@@ -19,9 +20,9 @@ def _parse_shape(shape):
     try:
         out = tuple(int(p) for p in parts)
     except (TypeError, ValueError):
-        raise ValueError(f"--shape must be 'small', 'full' or three integers like 240,240,155; got {shape!r}") from None
+        raise DataError("--shape", f"must be 'small', 'full' or three integers like 240,240,155; got {shape!r}") from None
     if len(out) != 3:
-        raise ValueError(f"--shape must have three sizes, got {shape!r}")
+        raise DataError("--shape", f"must have three sizes, got {shape!r}")
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from common.errors import fail
+
 import sys
 
 
@@ -66,7 +68,7 @@ def preprocess(
             overwrite=bool(overwrite), qc=bool(qc), hdbet_device=hdbet_device, threads=threads,
         )
     except (ValueError, RuntimeError) as exc:  # DataError, bad flags, HD-BET unavailable: one clear line
-        sys.exit(f"preprocess: {exc}")
+        fail(exc)
     print(summary.report())
     if not summary.ok:
         sys.exit(1)

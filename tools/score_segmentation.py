@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from common.errors import fail
+
 
 def score_segmentation(
     pred: str, ref: str, out: str | None = None, scheme: str = "brats2024", title: str = "model",
@@ -21,7 +23,6 @@ def score_segmentation(
     Returns:
         The Markdown table.
     """
-    import sys
     from pathlib import Path
 
     from common.gliomagen.scores import markdown_table, score_folders
@@ -31,7 +32,7 @@ def score_segmentation(
     try:
         result = score_folders(pred, ref, scheme=scheme, progress=progress)
     except DataError as err:
-        sys.exit(f"score-segmentation: {err}")
+        fail(err)
     table = markdown_table(result["summary"], title)
     if out:
         save_json(result, Path(out) / "scores.json")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from common.errors import fail
+
 
 def load_generator(spec: str):
     """``"package.module:function"`` -> the ``generate_case(case, seed)`` callable that ``function()`` returns."""
@@ -68,6 +70,6 @@ def synthesize(
             label_scheme=label_scheme, progress=progress,
         )
     except DataError as err:
-        sys.exit(f"synthesize: {err}")
+        fail(err)
     print(json.dumps(summary), file=sys.stderr)
     return summary["manifest"]

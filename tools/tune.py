@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from common.errors import fail
+
 
 def _mapping(value, what: str) -> dict | None:
     """A JSON file, a JSON string, or a dict (fire parses ``{...}`` itself)."""
     import json
     from pathlib import Path
-
     from common.io import DataError
 
     if value is None or isinstance(value, dict):
@@ -72,7 +73,7 @@ def tune(
             workers=int(workers), timeout=timeout, plots=plots if isinstance(plots, bool) else str(plots).lower() == "true",
         )
     except DataError as err:
-        sys.exit(f"tune: {err}")
+        fail(err)
     print(f"{summary['n_trials']} trials in {summary['storage']}; best mean validation SSIM "
           f"{summary.get('best_value')} (trial {summary.get('best_trial')})", file=sys.stderr)
     return summary.get("overlay") or str(f"{out}/summary.json")

@@ -43,6 +43,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from common.io import DataError
+
 SUITES = {
     "phantoms": "common.benchmarks.data:phantoms",
     "preprocess": "common.benchmarks.data:preprocess",
@@ -388,7 +390,7 @@ def _parse_suites(suite: str | Iterable[str]) -> list[str]:
         return list(SUITES)
     bad = [s for s in items if s not in SUITES]
     if bad or not items:
-        raise ValueError(f"unknown suite(s) {bad}; choose from {', '.join(SUITES)} or all (comma-separated)")
+        raise DataError("--suite", f"unknown suite(s) {bad}; choose from {', '.join(SUITES)} or all (comma-separated)")
     return list(dict.fromkeys(items))
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from common.engines.checkpoint import WeightsExporter
-from common.io import DataError
+from common.io import DataError, check_output
 
 
 def required(value: Any, flag: str, what: str) -> Any:
@@ -151,6 +151,10 @@ class ImputationRun:
                  load_path: str | os.PathLike | None = None, amp: str | None = None, progress: bool = True):
         self.network, self.input, self.sources, self.target = network, input, list(sources), target
         self.output, self.batch, self.device = output or None, int(batch), device
+        if self.output is not None:
+            check_output(self.output, "dir", flag="output_dir")
+        if self.batch < 1:
+            raise DataError("--batch", f"must be >= 1, got {batch}")
         self.overwrite, self.skip_existing, self.spatial_size = bool(overwrite), bool(skip_existing), spatial_size
         self.load_path, self.amp, self.progress = load_path, amp, progress
 

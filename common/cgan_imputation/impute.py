@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from common.cgan_imputation.data import AXIAL, SPATIAL_SIZE, apply_chain, check_item, check_task, volume_transforms
 from common.cgan_imputation.networks import ResnetGenerator, generator_config_from_state
-from common.io import DataError, open_nifti, save_json, save_nifti, torch_load, torch_save
+from common.io import DataError, check_output, open_nifti, save_json, save_nifti, torch_load, torch_save
 
 SIDECAR_SUFFIX = ".json"
 
@@ -95,7 +95,7 @@ def impute_volume(generator: torch.nn.Module, source, brain=None, batch: int = 1
     without brain out of the forward passes (they are zero in the output either way).
     """
     if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+        raise DataError("--batch", f"must be >= 1, got {batch}")
     device = torch.device(device) if device is not None else next(generator.parameters()).device
     src = torch.as_tensor(np.asarray(source) if not isinstance(source, torch.Tensor) else source).float()
     if src.ndim != 4:
@@ -210,6 +210,10 @@ def impute_dataset(input_path: str | os.PathLike, weights: str | os.PathLike | t
     from tqdm import tqdm
 
     sources, target = check_task(source, target)
+    if int(batch) < 1:
+        raise DataError("--batch", f"must be >= 1, got {batch}")
+    if output is not None:
+        check_output(output, "dir", flag="output")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     info: dict[str, Any] = {}
     if isinstance(weights, torch.nn.Module):

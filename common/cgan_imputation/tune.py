@@ -33,7 +33,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from common.io import atomic_path, save_json
+from common.io import DataError, atomic_path, check_output, save_json
 
 Objective = Callable[[dict, Callable[[int, float], None]], float]
 
@@ -85,10 +85,16 @@ def resolve_objective(objective: str | Objective) -> Objective:
         return objective
     module, _, name = str(objective).partition(":")
     if not module or not name:
-        raise ValueError(f"objective must be 'package.module:function', got {objective!r}")
-    fn = getattr(importlib.import_module(module), name, None)
+        raise DataError("--objective", f"must be 'package.module:function', got {objective!r}")
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module.startswith(exc.name):
+            raise  # the module exists but one of its own imports is missing: a bug or an install problem
+        raise DataError("--objective", f"no module {module!r} on the Python path (working folder or PYTHONPATH)") from None
+    fn = getattr(found, name, None)
     if not callable(fn):
-        raise ValueError(f"{objective!r}: {module} has no callable {name!r}")
+        raise DataError("--objective", f"{module} has no callable {name!r}")
     return fn
 
 
@@ -175,10 +181,13 @@ def run_search(objective: str | Objective, out_dir: str | os.PathLike, n_trials:
     """
     import optuna
 
-    if n_trials < 1 or workers < 1:
-        raise ValueError(f"n_trials and workers must be >= 1, got {n_trials}, {workers}")
+    if n_trials < 1:
+        raise DataError("--n_trials", f"must be >= 1, got {n_trials}")
+    if workers < 1:
+        raise DataError("--workers", f"must be >= 1, got {workers}")
+    resolve_objective(objective)  # a wrong name is refused before the study database is made
     space = dict(space or SEARCH_SPACE)
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, "dir", flag="out")
     out_dir.mkdir(parents=True, exist_ok=True)
     url = storage_url(storage, out_dir)
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)

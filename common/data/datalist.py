@@ -19,9 +19,10 @@ from typing import Any, Iterable
 import numpy as np
 
 from common import CONTRASTS
-from common.io import DataError, load_nifti, open_nifti, save_json
 from common.data.labels import check_labels, get_scheme
-from common.data.layouts import detect_layout, layout_label_scheme, read_layout
+from common.data.layouts import detect_layout, get_layout, layout_label_scheme, read_layout, unread_folders
+from common.errors import warn
+from common.io import DataError, check_output, load_nifti, open_nifti, save_json
 
 CHECKS = ("full", "quick")
 AFFINE_ATOL = 1e-3  # mm / direction-cosine units: co-registered BraTS files share their affine bit for bit
@@ -32,26 +33,40 @@ PATH_KEYS = CONTRASTS + ("label",)
 
 
 def _header_only(path: Path):
-    """(shape, affine) from the header alone, for ``check="quick"``."""
+    """(shape, affine, header) from the header alone, for ``check="quick"``."""
     img = open_nifti(path)
-    return None, tuple(int(s) for s in img.shape), np.asarray(img.affine)
+    return None, tuple(int(s) for s in img.shape), np.asarray(img.affine), img.header
 
 
 def _load(path: Path, quick: bool, dtype=np.float32):
     if quick:
         return _header_only(path)
-    data, affine, _ = load_nifti(path, dtype=dtype)
-    return data, data.shape, np.asarray(affine)
+    data, affine, header = load_nifti(path, dtype=dtype)
+    return data, data.shape, np.asarray(affine), header
 
 
-def case_problems(item: dict, scheme: str, check: str = "full") -> list[DataError]:
+IMPLAUSIBLE_INTENSITY = 1e6  # no MR scanner or BraTS release stores values near this; z-scoring them overflows
+
+
+def _header_warning(header) -> str | None:
+    """qform and sform that disagree: nibabel and MONAI read the sform, ITK-based tools the qform."""
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if qcode > 0 and scode > 0 and not np.allclose(qform, sform, atol=1e-3):
+        return (f"qform and sform disagree by up to {float(np.abs(qform - sform).max()):.3g} mm; nibabel and MONAI "
+                "use the sform, ITK-based tools the qform: fix the header")
+    return None
+
+
+def case_problems(item: dict, scheme: str, check: str = "full", warnings: list | None = None) -> list[DataError]:
     """Every problem of one case as ``DataError``s naming the case and the file (empty list: the case is fine).
 
     ``check="quick"`` reads headers only (existence, readability, shapes, affines); ``"full"`` also reads the
-    voxels (NaN/Inf, all-zero images, label values outside ``scheme``).
+    voxels (NaN/Inf, all-zero images, label values outside ``scheme``). ``warnings`` collects ``(file, problem)``
+    for what can be processed but may be wrong: disagreeing qform/sform, implausible intensities (full check).
     """
     if check not in CHECKS:
-        raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+        raise DataError("--check", f"must be one of {CHECKS}, got {check!r}")
     quick = check == "quick"
     case = item.get("id", "?")
     scheme = get_scheme(scheme)
@@ -84,7 +99,16 @@ def case_problems(item: dict, scheme: str, check: str = "full") -> list[DataErro
             if first_use:
                 fail(result.where, f"{key}: {result.problem}")
             continue
-        data, shape, affine = result
+        data, shape, affine, header = result
+        if warnings is not None and first_use:
+            note = _header_warning(header)
+            if note:
+                warnings.append((str(path), note))
+            if data is not None and key != "label" and data.size:
+                peak = float(np.abs(data).max())
+                if peak > IMPLAUSIBLE_INTENSITY:
+                    warnings.append((str(path), f"implausible intensities (max |value| {peak:.3g}); normalising in "
+                                                "float32 may overflow: check the scaling"))
         if channel is not None:
             if len(shape) != 4 or shape[3] <= channel:
                 fail(path, f"{key} should be channel {channel} of a 4-D image, but the image has shape {shape}")
@@ -135,14 +159,16 @@ def _format(problems: list[DataError]) -> str:
     return f"{len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
 
 
-def validate_items(items: list[dict], scheme: str, check: str = "full", progress: bool = True) -> None:
-    """Validate every case; raise one ``DataError`` with all problems of all cases."""
+def validate_items(items: list[dict], scheme: str, check: str = "full", progress: bool = True,
+                   warnings: list | None = None) -> None:
+    """Validate every case; raise one ``DataError`` with all problems of all cases (``warnings``: see
+    :func:`case_problems`)."""
     from tqdm.auto import tqdm
 
     problems: list[DataError] = []
     bad_cases = 0
     for item in tqdm(items, desc=f"validating ({check})", unit="case", disable=not progress):
-        found = case_problems(item, scheme, check)
+        found = case_problems(item, scheme, check, warnings)
         problems += found
         bad_cases += bool(found)
     if problems:
@@ -160,7 +186,7 @@ def assign_folds(items: list[dict], folds: int, seed: int = 0, stratify: bool = 
     sizes differ by at most one.
     """
     if folds < 1:
-        raise ValueError(f"folds must be >= 1, got {folds}")
+        raise DataError("--folds", f"must be >= 1, got {folds}")
     rng = np.random.default_rng(seed)
     groups: dict[Any, list[int]] = defaultdict(list)
     order = sorted(range(len(items)), key=lambda i: str(items[i]["id"]))
@@ -200,18 +226,33 @@ def build_datalist(
     ``val_fold=None`` (or -1) puts every case in ``training``. ``label_scheme`` overrides the layout's (e.g. a
     generic dataset labelled the BraTS 2019 way). Raises ``DataError`` listing all problems; then nothing is written.
     """
-    root = Path(root).resolve()
-    out = Path(out).resolve()
-    layout = detect_layout(root) if layout in (None, "auto") else layout
-    scheme = get_scheme(label_scheme or layout_label_scheme(root, layout)).name
-    items = read_layout(root, layout, require_label=require_label)
+    # every flag and the output path first: validating a large dataset takes minutes
+    if int(folds) < 1:
+        raise DataError("--folds", f"must be >= 1, got {folds}")
     if val_fold is not None and val_fold < 0:
         val_fold = None
     if val_fold is not None and not 0 <= val_fold < folds:
-        raise ValueError(f"val_fold must be in [0, {folds}), got {val_fold}")
-    validate_items(items, scheme, check, progress)
+        raise DataError("--val_fold", f"must be in [0, {folds}) for {folds} folds, got {val_fold}")
+    if check not in CHECKS:
+        raise DataError("--check", f"must be one of {', '.join(CHECKS)}, got {check!r}")
+    if layout not in (None, "auto"):
+        get_layout(layout)
+    if label_scheme is not None:
+        get_scheme(label_scheme)
+    out = check_output(out, "file", flag="out").resolve()
+    root = Path(root).resolve()
+    layout = detect_layout(root) if layout in (None, "auto") else layout
+    scheme = get_scheme(label_scheme or layout_label_scheme(root, layout)).name
+    items = read_layout(root, layout, require_label=require_label)
+    found: list[tuple[str, str]] = []
+    validate_items(items, scheme, check, progress, warnings=found)
     if len(items) < folds:
         raise DataError(root, f"only {len(items)} case(s) for {folds} folds; use fewer folds")
+    notes: list[str] = []  # printed now and kept in the datalist: processed, but maybe not what was meant
+    for folder in unread_folders(root, layout, items):
+        warn(folder, f"folder name does not match the {layout} case pattern; not in the datalist (rename it)", notes)
+    for where, problem in found:
+        warn(where, problem, notes)
 
     base = out.parent
     fold_of = assign_folds(items, folds, seed)
@@ -230,6 +271,7 @@ def build_datalist(
         "seed": seed,
         "val_fold": val_fold,
         "check": check,
+        "warnings": notes,
         "training": training,
         "validation": validation,
     }
@@ -237,15 +279,24 @@ def build_datalist(
     return datalist
 
 
-def load_datalist(path, sections: str | Iterable[str] = ("training", "validation")) -> list[dict]:
-    """Items of ``sections`` with absolute paths (resolved against the datalist's folder)."""
+def read_datalist_json(path) -> dict:
+    """A datalist file's JSON object, or a refusal naming the file (missing, unreadable, not JSON, not an object)."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(path, "datalist file does not exist")
+    if not path.is_file():
+        raise DataError(path, "datalist file does not exist" if not path.exists() else "is not a file")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(path, f"unreadable datalist JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise DataError(path, f"a datalist is a JSON object with 'training'/'validation' lists, got {type(data).__name__}")
+    return data
+
+
+def load_datalist(path, sections: str | Iterable[str] = ("training", "validation")) -> list[dict]:
+    """Items of ``sections`` with absolute paths (resolved against the datalist's folder)."""
+    path = Path(path)
+    data = read_datalist_json(path)
     if isinstance(sections, str):
         sections = (sections,)
     base = path.resolve().parent
@@ -265,5 +316,5 @@ def load_datalist(path, sections: str | Iterable[str] = ("training", "validation
 
 def datalist_info(path) -> dict:
     """The datalist's header (layout, label_scheme, folds, ...) without the item lists."""
-    data = json.loads(Path(path).read_text())
+    data = read_datalist_json(path)
     return {k: v for k, v in data.items() if not isinstance(v, list)}

@@ -112,7 +112,7 @@ def get_scheme(scheme: str | LabelScheme) -> LabelScheme:
     key = str(scheme).lower()
     key = SCHEME_ALIASES.get(key, key)
     if key not in SCHEMES:
-        raise ValueError(f"unknown label scheme {scheme!r}; choose one of {sorted(SCHEMES) + sorted(SCHEME_ALIASES)}")
+        raise DataError("--label_scheme", f"unknown label scheme {scheme!r}; choose one of {', '.join(sorted(SCHEMES) + sorted(SCHEME_ALIASES))}")
     return SCHEMES[key]
 
 

@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -95,7 +95,7 @@ CASE_DIR_PATTERNS = {
 def get_layout(name: str) -> Layout:
     key = str(name).lower()
     if key not in LAYOUTS:
-        raise ValueError(f"unknown layout {name!r}; choose one of {sorted(LAYOUTS)}")
+        raise DataError("--layout", f"unknown layout {name!r}; choose one of {', '.join(sorted(LAYOUTS))}")
     return LAYOUTS[key]
 
 
@@ -149,12 +149,12 @@ def _normalise_grade(grade: Any, where: Any) -> str | None:
 
 
 def _nifti(folder: Path, stem: str) -> Path:
-    """Existing ``stem.nii.gz`` or ``stem.nii`` in ``folder``; the ``.nii.gz`` path when neither exists."""
-    for suffix in NIFTI_SUFFIXES:
-        p = folder / f"{stem}{suffix}"
-        if p.exists():
-            return p
-    return folder / f"{stem}.nii.gz"
+    """Existing ``stem.nii.gz`` or ``stem.nii`` in ``folder``; the ``.nii.gz`` path when neither exists. Both
+    present is refused: which one is the scan cannot be guessed."""
+    found = [folder / f"{stem}{suffix}" for suffix in NIFTI_SUFFIXES if (folder / f"{stem}{suffix}").exists()]
+    if len(found) > 1:
+        raise DataError(found[1], f"and {found[0].name} are two files for one image; keep one of them")
+    return found[0] if found else folder / f"{stem}.nii.gz"
 
 
 def _case_files(layout: str, case_dir: Path, case_id: str, fallback: bool = True) -> dict[str, Path]:
@@ -503,6 +503,17 @@ def _item(case_id: str, files: Mapping[str, Path | None], grade, require_label: 
     item["label"] = str(label) if label is not None and (require_label or Path(label).exists()) else None
     item["grade"] = grade
     return item
+
+
+def unread_folders(root, layout: str, items: Sequence[Mapping]) -> list[Path]:
+    """Folders where a BraTS layout expects case folders but whose names do not match it (a misnamed case drops
+    out of the datalist silently otherwise)."""
+    if layout not in ("brats2019", "brats2020", "brats2021", "brats2023", "brats2024"):
+        return []
+    base, _ = _data_root(Path(root).resolve())
+    parents = [_brats2019_base(base) / g for g in GRADES] if layout == "brats2019" else [base]
+    ids = {it["id"] for it in items}
+    return [d for parent in parents for d in _subdirs(parent) if d.name not in ids and d.name not in ("qc", "__MACOSX")]
 
 
 def read_layout(root, layout: str | None = None, require_label: bool = True) -> list[dict]:

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from common import CONTRASTS
-from common.io import save_json, save_nifti
+from common.io import DataError, check_output, save_json, save_nifti
 
 
 def save_generated(
@@ -66,7 +66,10 @@ class NiftiWriter:
 
     def __init__(self, output_dir: str | os.PathLike, contrasts: Sequence[str] = CONTRASTS, montage: bool = True,
                  label_scheme: str = "brats2023"):
-        self.output_dir = Path(str(output_dir))
+        self.output_dir = check_output(str(output_dir), "dir", flag="output_dir")
+        if (self.output_dir / "generation.json").exists():  # its samples and the new ones would mix in one datalist
+            raise DataError(f"--output_dir {self.output_dir}", "holds an earlier generation (generation.json); "
+                            "give a new folder, or remove this one to generate again")
         self.contrasts = tuple(contrasts)
         self.montage = bool(montage)
         self.label_scheme = label_scheme

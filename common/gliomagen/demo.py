@@ -4,6 +4,7 @@ the committed demo weights (``bundles/brats_mri_gliomagen/models``) through the 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 BUNDLE = "brats_mri_gliomagen"
@@ -28,6 +29,8 @@ def gliomagen_demo(
     from common.gliomagen.masks import augment_masks
 
     out = Path(out_dir)
+    for folder in ("generated", "generated_augmented"):  # the demo's own folders: a rerun starts them afresh
+        shutil.rmtree(out / folder, ignore_errors=True)
     phantom_shape = bundle_config(BUNDLE, DEMO_CONFIGS)["phantom_shape"]  # the demo weights' data
     datalist = phantom_datalist(cache_dir, n=max(int(n_masks), 1), shape=phantom_shape, seed=HELD_OUT_SEED, folds=1,
                                 layout="brats2024", progress=progress)

@@ -13,18 +13,16 @@ surroundings, head holes filled) and must pass ``check_mask``; rejected draws ar
 
 from __future__ import annotations
 
-import os
 import re
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from common.data.labels import check_labels, convert_labels, get_scheme
-from common.io import DataError, load_nifti, save_json, save_nifti
+from common.io import DataError, check_output, load_nifti, save_json, save_nifti
 
 SCHEME = "six_label"
 HEAD, NETC, SNFH, ET, RC = (get_scheme(SCHEME).value_of[c] for c in ("head", "NETC", "SNFH", "ET", "RC"))
@@ -414,7 +412,11 @@ def augment_masks(
     ``workers`` processes share the sources; every draw's seed depends only on ``seed``, the case and the draw,
     so the files are the same for any number of workers."""
     cfg = config or AugmentConfig()
-    out = Path(out)
+    if int(n) < 1:
+        raise DataError("--n", f"new masks per source mask must be >= 1, got {n}")
+    if int(workers) < 1:
+        raise DataError("--workers", f"must be >= 1, got {workers}")
+    out = check_output(out, "dir", flag="out")
     sources = find_source_masks(source, scheme, threshold)  # every input checked before anything is written
     tasks = [(src, str(out), int(n), int(seed), cfg, scheme, threshold, previews) for src in sources]
     summary = {"n_per_mask": int(n), "seed": int(seed), "config": asdict(cfg), "scheme": SCHEME, "cases": {}}

@@ -4,6 +4,7 @@ weights (``bundles/brats_mri_ldm3d/models``), through the bundle's own ``inferen
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +27,7 @@ def ldm3d_demo(
     from common.bundle import bundle_config, phantom_datalist, prepare_cases, run_bundle
 
     out = Path(out_dir)
+    shutil.rmtree(out / "generated", ignore_errors=True)  # the demo's own folder: a rerun starts it afresh
     phantom_shape = bundle_config("brats_mri_ldm3d", DEMO_CONFIGS)["phantom_shape"]  # the demo weights' data
     datalist = phantom_datalist(cache_dir, n=max(int(n_masks), 1), shape=phantom_shape, seed=HELD_OUT_SEED,
                                 folds=1, progress=progress) if n_masks >= 1 else None

@@ -69,6 +69,39 @@ class EvalConfig:
     seed: int = 0
     progress: bool = True
 
+    def __post_init__(self):
+        """Refuse impossible settings before any image is read (a whole evaluation can take an hour)."""
+        from common.data.labels import get_scheme
+        from common.metrics.features import EXTRACTORS
+        from common.metrics.segmentation import HD95_CONVENTIONS
+
+        def flag(name, ok, problem):
+            if not ok:
+                raise DataError(f"--{name}", problem)
+
+        def choice(name, value, choices):
+            flag(name, value in choices, f"unknown value {value!r}; choose one of {', '.join(map(str, choices))}")
+
+        ext = self.extractor
+        flag("extractor", ext is None or ext in EXTRACTORS or Path(str(ext)).is_file(),
+             f"unknown feature extractor {ext!r}: choose one of {', '.join(sorted(EXTRACTORS))}, none, or a "
+             "TorchScript file that exists")
+        flag("weights", self.weights is None or Path(self.weights).is_file(), f"{self.weights}: file does not exist")
+        choice("extractor_mode", self.extractor_mode, ("2d", "2.5d", "3d"))
+        unknown = [c for c in self.contrasts if c not in CONTRASTS]
+        flag("contrasts", not unknown and len(self.contrasts) > 0,
+             f"unknown contrasts {unknown}; choose from {', '.join(CONTRASTS)}")
+        get_scheme(self.label_scheme)
+        choice("hd95_convention", self.hd95_convention, HD95_CONVENTIONS)
+        choice("ssim", self.ssim, tuple(similarity.SSIM_OPTIONS))
+        choice("ms_ssim", self.ms_ssim, ("auto", *similarity.MS_SSIM_OPTIONS))
+        for name in ("n_bootstrap", "n_subsamples", "n_montages"):
+            flag(name, int(getattr(self, name)) >= 0, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("kid_subset_size", "kid_subsets", "workers"):
+            flag(name, int(getattr(self, name)) >= 1, f"must be >= 1, got {getattr(self, name)}")
+        flag("diversity_pairs", self.diversity_pairs is None or int(self.diversity_pairs) >= 1,
+             f"must be >= 1 (or 0 / none for all pairs), got {self.diversity_pairs}")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["contrasts"] = list(self.contrasts)
@@ -119,6 +152,12 @@ def condition_of(item: dict) -> str:
     return str(item.get("source_id") or item.get("condition_id") or item["id"])
 
 
+def _labels_outside(label: np.ndarray, scheme: str) -> list[int]:
+    from common.data.labels import get_scheme
+
+    return sorted(int(v) for v in np.unique(label) if int(v) not in get_scheme(scheme).values)
+
+
 def lesion_mask(label: np.ndarray, scheme: str) -> np.ndarray:
     """Tumor voxels (resection cavity included, GliomaGen's head label excluded) as a boolean mask."""
     from common.data.labels import tumor_mask
@@ -149,10 +188,16 @@ def _finite(obj):
 
 def _check_items(items: Sequence[dict], what: str) -> None:
     if not items:
-        raise ValueError(f"the {what} set is empty")
+        raise DataError(f"--{what}", "the set is empty (no case found)")
     for i, it in enumerate(items):
         if not isinstance(it, dict) or "id" not in it:
-            raise ValueError(f"{what} item {i} has no 'id': {it!r}")
+            raise DataError(f"--{what}", f"item {i} has no 'id': {it!r}")
+    if what == "real":  # synthetic cases pair with real ones by id: a duplicated id would drop one of them
+        ids = [str(it["id"]) for it in items]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise DataError(f"--real ({len(dupes)} duplicated id(s), e.g. {dupes[0]})",
+                            "every real case needs its own id: pairing by id would keep only one of them")
 
 
 # ---------------------------------------------------------------------------------------------- work units
@@ -197,7 +242,7 @@ def make_plan(real_items: Sequence[dict], synth_items: Sequence[dict], config: E
             if n_synth < len(synth_items):
                 notes.append(f"{contrast}: only {n_synth} of {len(synth_items)} synthetic cases have it")
     if not contrasts:
-        raise ValueError(f"no contrast of {list(config.contrasts)} is present in both the real and the synthetic set")
+        raise DataError("--contrasts", f"none of {list(config.contrasts)} is present in both the real and the synthetic set")
     grouped = any(it.get("source_id") or it.get("condition_id") for it in synth_items)
     members: dict[str, list[int]] = defaultdict(list)
     for j, it in enumerate(synth_items):
@@ -257,6 +302,8 @@ def _score_unit(unit: tuple[str, int], plan: Plan, config: EvalConfig, extractor
             continue
         vol, _ = load_volume(item, contrast)
         out: dict[str, Any] = {}
+        if kind == "synth" and not np.any(vol):
+            out["all_zero"] = True
         if extractor is not None:
             out["features"] = _features(item, contrast, vol, extractor, cache)
         brain, norm = None, None
@@ -268,8 +315,13 @@ def _score_unit(unit: tuple[str, int], plan: Plan, config: EvalConfig, extractor
                     brain = real_vol != 0
                     if "label" not in lesions:
                         mask_item = item if item.get("label") else real_item
-                        lesions["label"] = (lesion_mask(load_volume(mask_item, "label")[0], config.label_scheme)
-                                            if mask_item.get("label") else None)
+                        lesions["label"] = None
+                        if mask_item.get("label"):
+                            label = load_volume(mask_item, "label")[0]
+                            lesions["label"] = lesion_mask(label, config.label_scheme)
+                            outside = _labels_outside(label, config.label_scheme)
+                            if outside:
+                                record["labels_outside_scheme"] = outside
                     lesion = lesions["label"] if lesions["label"] is not None and \
                         lesions["label"].shape == vol.shape else None
                     # each image normalised once (on the real brain) for SSIM/PSNR/MAE, MS-SSIM, MMD, histograms
@@ -423,6 +475,10 @@ def _aggregate(plan: Plan, acc: _Accumulator, config: EvalConfig, extractor_name
         synth = [r["contrasts"][contrast] for r in synth_recs]
         out: dict[str, Any] = {"n_real": len(real), "n_synthetic": len(synth)}
         c_notes = []
+        zero = [r["id"] for r in synth_recs if r["contrasts"][contrast].get("all_zero")]
+        if zero:
+            c_notes.append(f"{len(zero)} synthetic images are all zero (e.g. {zero[0]}): scored as they are; "
+                           "check the generator's output")
         unpaired = [s["unpaired"] for s in synth if "unpaired" in s]
         if unpaired:
             c_notes.append(f"{len(unpaired)} synthetic images differ in shape from their real pair and are not "
@@ -498,6 +554,11 @@ def _aggregate(plan: Plan, acc: _Accumulator, config: EvalConfig, extractor_name
         notes += [f"{contrast}: {n}" for n in c_notes]
         out_contrasts[contrast] = out
         extras_all[contrast] = extras
+    outside = {r["id"]: r["labels_outside_scheme"] for r in records if r.get("labels_outside_scheme")}
+    if outside:
+        first = next(iter(outside))
+        notes.append(f"{len(outside)} lesion masks hold labels outside {config.label_scheme} (e.g. {first}: "
+                     f"{outside[first]}), counted as lesion: set --label_scheme or fix the masks")
     return out_contrasts, {"extras": extras_all, "notes": notes}
 
 

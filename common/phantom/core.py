@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.io import DataError, check_output
+
 from . import anatomy as an
 from .fields import random_field, ramp
 from .mri import TISSUE_NAMES, Protocol, add_rician_noise, jitter_tissues, signals, tissue_signals
@@ -40,9 +42,9 @@ def _check_shape(shape) -> tuple[int, int, int]:
     try:
         out = tuple(int(s) for s in shape)
     except (TypeError, ValueError):
-        raise ValueError(f"phantom shape must be three integers, got {shape!r}") from None
+        raise DataError("--shape", f"phantom shape must be three integers, got {shape!r}") from None
     if len(out) != 3 or min(out) < 16:
-        raise ValueError(f"phantom shape must be three integers >= 16, got {shape!r}")
+        raise DataError("--shape", f"phantom shape must be three integers >= 16, got {shape!r}")
     return out
 
 
@@ -70,7 +72,7 @@ def generate_case(
     shape = _check_shape(shape)
     grade = _check_grade(grade)
     if int(seed) < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise DataError("--seed", f"must be >= 0, got {seed}")
     # BLAS results can depend on its thread count; one thread makes a case bit-identical everywhere
     with _single_thread_blas():
         return _generate(int(seed), grade, shape, bool(post_treatment), bool(tumor))
@@ -496,8 +498,14 @@ def make_phantoms(
     shape = _check_shape(shape)
     n = int(n)
     if n < 1:
-        raise ValueError(f"number of phantom cases must be >= 1, got {n}")
-    out = Path(out)
+        raise DataError("--n", f"number of phantom cases must be >= 1, got {n}")
+    if workers is not None and int(workers) < 1:
+        raise DataError("--workers", f"must be >= 1, got {workers}")
+    out = check_output(out, "dir", flag="out")
+    held = sorted(out.iterdir()) if out.is_dir() else []
+    if held:  # mixing two requests would leave cases that the new manifest does not describe
+        raise DataError(out, f"already holds {len(held)} entries (e.g. {held[0].name}); phantoms go into a new or "
+                             "empty folder: remove it or choose another")
     out.mkdir(parents=True, exist_ok=True)
     post = layout in POST_TREATMENT_LAYOUTS
     tasks = [(out, layout, i, case_seed(seed, i), shape, post) for i in range(n)]

@@ -16,6 +16,7 @@ turns a failed registration into a DataError instead of a silently wrong output.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
@@ -49,6 +50,31 @@ class PreprocessConfig:
     registration_samples: int = 50_000  # mutual-information samples per pyramid level
     registration_finest_mm: float = 2.0  # finest pyramid level; 2 mm is sub-voxel accurate for rigid fits and ~2x faster
     min_atlas_overlap: float = 0.85  # fraction of the atlas brain that must fall inside the subject's head
+
+    def __post_init__(self):
+        """Refuse impossible settings here, before the first case: per case they fail only after minutes."""
+        import math
+
+        from common import CONTRASTS
+        from common.preprocess.skullstrip import SKULL_STRIP_METHODS
+
+        def positive(flag, value):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise DataError(f"--{flag}", f"must be a positive number of millimetres, got {value!r}")
+
+        positive("spacing", self.spacing)
+        positive("n4_resolution_mm", self.n4_resolution_mm)
+        if self.normalisation not in core.NORMALISATIONS:
+            raise DataError("--normalisation", f"unknown normalisation {self.normalisation!r}; choose one of "
+                                               f"{', '.join(core.NORMALISATIONS)}")
+        if self.skull_strip not in SKULL_STRIP_METHODS:
+            raise DataError("--skull_strip", f"unknown skull stripping {self.skull_strip!r}; choose one of "
+                                             f"{', '.join(SKULL_STRIP_METHODS)}")
+        if self.reference not in CONTRASTS:
+            raise DataError("--reference", f"unknown contrast {self.reference!r}; choose one of {', '.join(CONTRASTS)}")
+        for flag, path in (("atlas", self.atlas), ("atlas_mask", self.atlas_mask)):
+            if path is not None and not Path(path).is_file():
+                raise DataError(f"--{flag} {path}", "file does not exist")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from common.io import DataError, load_nifti, save_json
+from common.io import DataError, check_output, load_nifti, save_json
 
 RECORD_NAME = "preprocess.json"
 QC_DIR = "qc"
@@ -206,7 +206,10 @@ def preprocess_dataset(
     index, count = parse_shard(shard)
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if input_dir.resolve() == output_dir.resolve():
-        raise ValueError("--output must differ from --input (outputs would overwrite the raw scans)")
+        raise DataError("--output", "must differ from --input (outputs would overwrite the raw scans)")
+    if int(workers) < 1:
+        raise DataError("--workers", f"must be >= 1, got {workers}")
+    check_output(output_dir, "dir", flag="output")
     items = {it["id"]: it for it in read_layout(input_dir, layout=layout, require_label=False)}
     scheme = layout_label_scheme(input_dir, layout)
     out_layout = "brats2024" if scheme == "brats2024" else "brats2023"

@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
+from common.io import DataError
+
 __all__ = ["SAMPLERS", "DiffusionSampler", "make_scheduler"]
 
 SAMPLERS = ("ddpm", "ddim", "rflow")
@@ -46,7 +48,7 @@ def make_scheduler(
                    clip_sample_min=lo, clip_sample_max=hi, **kwargs)
     if name == "rflow":
         return RFlowScheduler(num_train_timesteps, use_discrete_timesteps=True)
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    raise DataError("--sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
 class DiffusionSampler:
@@ -77,16 +79,16 @@ class DiffusionSampler:
         progress: bool = True,
     ):
         if int(num_inference_steps) < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+            raise DataError("--num_inference_steps", f"must be >= 1, got {num_inference_steps}")
         if isinstance(scheduler, DDPMScheduler) and num_inference_steps != scheduler.num_train_timesteps:
-            raise ValueError(
-                f"DDPM sampling needs all {scheduler.num_train_timesteps} training steps (got {num_inference_steps}); "
+            raise DataError(
+                "--num_inference_steps", f"DDPM sampling needs all {scheduler.num_train_timesteps} training steps (got {num_inference_steps}); "
                 "use the 'ddim' or 'rflow' sampler for fewer steps"
             )
         if int(num_samples) < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise DataError("--num_samples", f"must be >= 1, got {num_samples}")
         if seeds is not None and len(seeds) != num_samples:
-            raise ValueError(f"got {len(seeds)} seeds for {num_samples} samples")
+            raise DataError("--seeds", f"got {len(seeds)} seeds for {num_samples} samples")
         self.scheduler = scheduler
         self.num_inference_steps = int(num_inference_steps)
         self.guidance_scale = float(guidance_scale)

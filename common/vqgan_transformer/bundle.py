@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from common.io import DataError, save_json
+from common.io import DataError, check_output, save_json
 from common.vqgan_transformer.networks import CLASSES
 from common.vqgan_transformer.sampling import METHODS, generate_rois, parse_classes, save_rois
 
@@ -88,7 +88,10 @@ class ROIGenerationRun:
     def __init__(self, vqgan, network, inferer: TokenSampler, dataset: ClassRequest, output_dir,
                  spacing: Sequence[float] = (1.0, 1.0, 1.0), background_threshold: float | None = None):
         self.vqgan, self.network, self.inferer, self.dataset = vqgan, network, inferer, dataset
-        self.output_dir = Path(output_dir)
+        self.output_dir = check_output(output_dir, "dir", flag="output_dir")
+        if (self.output_dir / "manifest.json").exists():  # its ROIs and the new ones would mix under one manifest
+            raise DataError(f"--output_dir {self.output_dir}", "holds earlier ROIs (manifest.json); give a new "
+                            "folder, or remove this one to generate again")
         self.spacing = tuple(float(s) for s in spacing)
         self.background_threshold = None if background_threshold is None else float(background_threshold)
 

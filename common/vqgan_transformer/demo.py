@@ -5,6 +5,7 @@ weights (``bundles/brats_mri_vqgan_transformer/models``) through the bundle's ow
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 BUNDLE = "brats_mri_vqgan_transformer"
@@ -32,6 +33,7 @@ def vqgan_demo(out_dir: str | os.PathLike, count: int = 3, n_real: int = 6, seed
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "generated", ignore_errors=True)  # the demo's own folder: a rerun starts it afresh
     parser = bundle_config(BUNDLE, DEMO_CONFIGS)
     datalist = phantom_datalist(cache_dir, n=max(int(n_real), 2), shape=parser["phantom_shape"], seed=HELD_OUT_SEED,
                                 folds=1, progress=progress)
