@@ -173,12 +173,17 @@ def _first_input(cmd: list[str], bundle: Path, tmp: Path):
 
     demo = json.loads((bundle / "configs" / "demo.json").read_text())
     masks = [i for i, a in enumerate(cmd) if a.endswith((".nii.gz", ".nii"))]
-    if masks:  # a mask already on the demo grid (the bundle's own preparation chain); scanner-space input: issue 11
+    if masks:
         datalist = phantom_datalist(tmp / "cache", n=1, shape=tuple(demo.get("phantom_shape", (64, 64, 40))),
                                     seed=1000, folds=1, progress=False)
-        (case,) = prepare_cases(datalist, tmp / "masks", bundle, ["inference.json", "demo.json"],
-                                section=("training", "validation"), progress=False)
-        mask = Path(case["label"])
+        if json.loads((bundle / "configs" / "inference.json").read_text()).get("mask_scheme") == "six_label":
+            (case,) = prepare_cases(datalist, tmp / "masks", bundle, ["inference.json", "demo.json"],
+                                    section=("training", "validation"), progress=False)  # the head label added
+            mask = Path(case["label"])
+        else:  # a BraTS mask as it comes, in its own (scanner) space
+            from common.data.datalist import load_datalist
+
+            mask = Path(load_datalist(datalist)[0]["label"])
         cmd[masks[0]] = str(mask)
 
         def check(generated):

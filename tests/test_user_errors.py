@@ -136,8 +136,8 @@ BAD = [
         "labels_9.nii.gz", LDM),
     Bad("ldm3d: no tumour voxel", bundle("--input", "{bad}/no_tumour.nii.gz", "--output_dir", OUT), "no_tumour.nii.gz",
         LDM),
-    Bad("ldm3d: mask off the model grid", bundle("--input", "{bad}/off_grid.nii.gz", "--output_dir", OUT),
-        "off_grid.nii.gz", LDM),
+    Bad("ldm3d: unknown output space", bundle("--input", "{ldm_mask}", "--output_space", "scanner", "--output_dir", OUT),
+        "--output_space", LDM),
     Bad("ldm3d: missing mask", bundle("--input", "{missing}.nii.gz", "--output_dir", OUT), "{missing}.nii.gz", LDM),
     Bad("ldm3d: folder without masks", bundle("--input", "{empty}", "--output_dir", OUT), "{empty}", LDM),
     Bad("ldm3d: malformed datalist", bundle("--input", "{bad}/broken.json", "--output_dir", OUT), "broken.json", LDM),
@@ -212,7 +212,6 @@ def corpus(phantom_root, tmp_path_factory):
     save("nan.nii.gz", nan, np.float32)
     save("labels_9.nii.gz", np.where(on_grid == 1, 9, on_grid))
     save("no_tumour.nii.gz", np.zeros_like(on_grid))
-    save("off_grid.nii.gz", seg)
     (bad / "broken.json").write_text('{"validation": [ not json')
     ldm_mask = save("ldm_mask.nii.gz", on_grid)
     six = convert_labels(_mask_on_grid(seg, GLIOMAGEN_GRID), "brats2023", "six_label")

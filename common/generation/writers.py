@@ -60,12 +60,35 @@ def write_datalist(items: list[dict], path: Path, label_scheme: str = "brats2023
     return save_json({"layout": "generated", "label_scheme": label_scheme, section: entries, other: []}, path)
 
 
+def to_grid(volume: np.ndarray, affine: np.ndarray, shape: Sequence[int], dst_affine: np.ndarray,
+            mode: str = "bilinear") -> np.ndarray:
+    """``volume`` [C, ...] on the grid ``affine`` resampled in world coordinates onto the grid (``shape``,
+    ``dst_affine``): the model-grid output laid back over its input, whatever the chain did (crop, zoom, pad)."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    img = MetaTensor(torch.as_tensor(np.asarray(volume, dtype=np.float32)), affine=torch.as_tensor(affine))
+    out = SpatialResample(mode=mode, padding_mode="zeros", dtype=np.float64)(
+        img, dst_affine=torch.as_tensor(np.asarray(dst_affine, dtype=np.float64)), spatial_size=tuple(shape))
+    return np.asarray(out.detach().cpu(), dtype=np.float32)
+
+
+OUTPUT_SPACES = ("input", "model")
+
+
 class NiftiWriter:
-    """Writes each sample as ``output_dir/<name>/<name>-<contrast>.nii.gz`` (+ ``-seg`` and a PNG montage) on its
-    condition's affine/header, then ``generation.json`` (how samples were drawn) and ``datalist.json``."""
+    """Writes each sample as ``output_dir/<name>/<name>-<contrast>.nii.gz`` (+ ``-seg`` and a PNG montage), then
+    ``generation.json`` (how samples were drawn) and ``datalist.json``.
+
+    ``space="input"``: on the input mask's own grid, affine and header (a mask brought to the model grid by the
+    bundle's chain gets its outputs resampled back, so they overlay it); ``"model"``: on the model grid."""
 
     def __init__(self, output_dir: str | os.PathLike, contrasts: Sequence[str] = CONTRASTS, montage: bool = True,
-                 label_scheme: str = "brats2023"):
+                 label_scheme: str = "brats2023", space: str = "input"):
+        if space not in OUTPUT_SPACES:
+            raise DataError("--output_space", f"unknown value {space!r}; choose one of {', '.join(OUTPUT_SPACES)}")
+        self.space = space
         self.output_dir = check_output(str(output_dir), "dir", flag="output_dir")
         if (self.output_dir / "generation.json").exists():  # its samples and the new ones would mix in one datalist
             raise DataError(f"--output_dir {self.output_dir}", "holds an earlier generation (generation.json); "
@@ -75,6 +98,11 @@ class NiftiWriter:
         self.label_scheme = label_scheme
 
     def write(self, name: str, volume: np.ndarray, item: dict) -> dict[str, Path]:
+        grid = item.get("input_grid")
+        if self.space == "input" and grid is not None:
+            volume = to_grid(volume, item["affine"], grid["shape"], grid["affine"])
+            return save_generated(volume, grid["affine"], grid["header"], self.output_dir, name, mask=grid["labels"],
+                                  contrasts=self.contrasts, montage=self.montage)
         return save_generated(volume, item["affine"], item.get("header"), self.output_dir, name,
                               mask=item.get("labels"), contrasts=self.contrasts, montage=self.montage)
 
