@@ -140,6 +140,9 @@ def check_labels(array: Any, scheme: str | LabelScheme, where: Any = "label") ->
     scheme = get_scheme(scheme)
     values = _present_values(np.asarray(array), where)
     bad = sorted(set(values.tolist()) - set(scheme.values))
+    if len(bad) > 8:  # hundreds of distinct values: an intensity image, not a label mask
+        raise DataError(where, f"{len(bad)} label values outside scheme {scheme.name!r} (from {bad[0]} to {bad[-1]}; "
+                               f"allowed {sorted(scheme.values)}): this looks like an image, not a label mask")
     if bad:
         hint = ""
         if scheme.name == "brats2023" and 4 in bad:

@@ -94,7 +94,7 @@ class MaskSource:
     ``label_scheme``: the masks' label convention (default: the datalist's, else brats2023); masks are converted
     to ``condition_scheme`` (what the network was trained on). ``spatial_size``: the model grid the masks must be on.
     ``validate``: a method's own check of a converted mask, ``labels -> [problems]`` (empty: valid).
-    ``transform``: the bundle's deterministic mask chain (``{"label": MetaTensor} -> {"label": ...}`` on the
+    ``chain``: the bundle's deterministic mask chain (``{"label": MetaTensor} -> {"label": ...}`` on the
     model grid, its affine tracked by MONAI). With it a mask may be on any grid -- a BraTS mask in scanner space --
     and each item keeps its own grid under ``input_grid`` so a writer can map the outputs back onto it; without
     it masks must already be on ``spatial_size``.
@@ -108,13 +108,13 @@ class MaskSource:
         condition_scheme: str = "brats2023",
         section: str | Sequence[str] = ("validation",),
         validate: Callable[[np.ndarray], list[str]] | None = None,
-        transform: Callable[[dict], dict] | None = None,
+        chain: Callable[[dict], dict] | None = None,
     ):
         # read on first use (len or iteration): a workflow can be built, and its properties checked, before
         # the user has said which masks to generate from
         self.input, self.spatial_size, self.section = input, spatial_size, section
         self.label_scheme, self.condition_scheme = label_scheme, condition_scheme
-        self.validate, self.transform = validate, transform
+        self.validate, self.chain = validate, chain
         self._items: list[dict] | None = None
 
     @property
@@ -143,10 +143,10 @@ class MaskSource:
             seen[case_id] = path
         items = []
         for case_id, path in masks:
-            labels, affine, header = load_mask(path, None if self.transform else self.spatial_size, self.label_scheme,
+            labels, affine, header = load_mask(path, None if self.chain else self.spatial_size, self.label_scheme,
                                                to_scheme=self.condition_scheme)
             item = {"id": case_id, "path": str(path), "labels": labels, "affine": affine, "header": header}
-            if self.transform is not None:
+            if self.chain is not None:
                 item = self._to_model_grid(item)
             problems = self.validate(item["labels"]) if self.validate is not None else []
             if problems:
@@ -160,7 +160,7 @@ class MaskSource:
 
         label = MetaTensor(torch.as_tensor(item["labels"][None].astype(np.float32)),
                            affine=torch.as_tensor(np.asarray(item["affine"], dtype=np.float64)))
-        moved = self.transform({"label": label})["label"]
+        moved = self.chain({"label": label})["label"]
         labels = np.rint(np.asarray(moved.detach().cpu())[0]).astype(np.uint8)
         if self.spatial_size is not None and tuple(labels.shape) != tuple(int(s) for s in self.spatial_size):
             raise DataError(item["path"], f"the bundle's mask chain gave grid {tuple(labels.shape)}, the model needs "
