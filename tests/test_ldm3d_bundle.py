@@ -290,9 +290,12 @@ def _sha256(path: Path) -> str:
 
 
 def test_demo_weights_match_large_files_yml():
-    text = (BUNDLE / "large_files.yml").read_text()
-    entries = re.findall(r'path: "([^"]+)"\s+url: "[^"]*"\s+hash_val: "([0-9a-f]{64})"\s+hash_type: "sha256"', text)
-    assert {p for p, _ in entries} == {"models/autoencoder.pt", "models/model.pt"}
+    import yaml
+
+    listed = yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
+    entries = [(e["path"], e["hash_val"]) for e in listed if e["hash_type"] == "sha256"]
+    assert {p for p, _ in entries} == {"models/autoencoder.pt", "models/model.pt",  # + their weights cards
+                                       "models/autoencoder.json", "models/model.json"}
     for rel, digest in entries:
         path = BUNDLE / rel
         assert path.stat().st_size < 25 * 2**20

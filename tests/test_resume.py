@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from ignite.engine import Events
@@ -180,3 +182,28 @@ def test_resuming_from_a_foreign_file_names_the_file(tmp_path):
     FullStateCheckpointer(tmp_path / "out", resume=tmp_path / "missing.pt").attach(trainer2)
     with pytest.raises(DataError, match="missing.pt.*does not exist"):
         trainer2.run()
+
+
+def test_a_weights_card_that_disagrees_with_the_config_is_refused_by_name(tmp_path):
+    """The card beside a weight file (what it was trained as) is compared with the config's values before any
+    tensor is read; an agreeing card, or none, loads as usual."""
+    from common.engines import WeightsCard, write_card
+    from common.io import torch_save
+
+    net = CondNet()
+    path = torch_save(net.state_dict(), tmp_path / "model.pt")
+    card = {"contrasts": ["t1n", "t2f"], "sizes": {"base": 16, "mult": (1, 2)}, "condition_scheme": "brats2023"}
+    WeightsCard(path, card).write()
+    assert json.loads((tmp_path / "model.json").read_text())["sizes"] == {"base": 16, "mult": [1, 2]}
+    load_weights(CondNet(), path, expect=card)  # tuples and lists compare equal
+    load_weights(CondNet(), path, expect={**card, "not_in_the_card": 3})  # only what the card records counts
+    with pytest.raises(DataError) as info:
+        load_weights(CondNet(), path, expect={**card, "sizes": {"base": 32, "mult": [1, 2]},
+                                              "condition_scheme": "brats2024"}, hint="add configs/demo.json")
+    message = str(info.value)
+    assert message.startswith(str(path)) and "model.json" in message and "add configs/demo.json" in message
+    assert "sizes.base 16 (config: 32)" in message and "condition_scheme brats2023 (config: brats2024)" in message
+    write_card(tmp_path / "other.pt", card)
+    torch_save(net.state_dict(), tmp_path / "other.pt")
+    (tmp_path / "other.json").unlink()
+    load_weights(CondNet(), tmp_path / "other.pt", expect={"contrasts": ["t1c"]})  # no card: shapes decide

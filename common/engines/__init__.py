@@ -14,7 +14,8 @@ float and MONAI's ``from_engine(["loss"], first=True)`` (``--tracking mlflow``, 
 Around them:
 
 * :mod:`common.engines.checkpoint` -- :class:`FullStateCheckpointer` (exact resume, RNG included),
-  :class:`WeightsExporter` (plain ``models/*.pt``, e.g. of the EMA weights), :func:`load_weights`;
+  :class:`WeightsExporter` (plain ``models/*.pt``, e.g. of the EMA weights), :class:`WeightsCard` (what they were
+  trained as, beside them), :func:`load_weights`;
 * :mod:`common.engines.data` -- :func:`make_dataloader` / :class:`ResumableSampler`;
 * :mod:`common.engines.distributed` -- ``setup()``, ``wrap_model()``, ``is_main_process()`` for torchrun;
 * :mod:`common.engines.validation` -- seeded evaluators, prepare-batch, inferers and metric handlers.
@@ -25,7 +26,7 @@ Logging is MONAI's (``StatsHandler``, ``TensorBoardStatsHandler``, ``TensorBoard
 from common.engines import losses
 from common.engines.adversarial import AdversarialTrainer
 from common.engines.base import EngineOutput, GenerativeTrainer
-from common.engines.checkpoint import FullStateCheckpointer, WeightsExporter, load_weights
+from common.engines.checkpoint import FullStateCheckpointer, WeightsCard, WeightsExporter, load_weights, write_card
 from common.engines.data import ResumableSampler, make_dataloader
 from common.engines.diffusion import DiffusionTrainer, diffusion_target
 
@@ -35,8 +36,10 @@ __all__ = [
     "GenerativeTrainer",
     "EngineOutput",
     "FullStateCheckpointer",
+    "WeightsCard",
     "WeightsExporter",
     "load_weights",
+    "write_card",
     "losses",
     "ResumableSampler",
     "make_dataloader",

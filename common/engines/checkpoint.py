@@ -96,20 +96,70 @@ def _mismatch(network: torch.nn.Module, state: dict) -> str | None:
     return "; ".join(parts)
 
 
+def card_path(weights: str | Path) -> Path:
+    """The weights card beside a weight file: ``models/model.pt`` -> ``models/model.json``."""
+    return Path(weights).with_suffix(".json")
+
+
+def write_card(weights: str | Path, card: dict) -> Path:
+    """What a weight file was trained as (network sizes, contrasts, label scheme: the config values its
+    ``load_weights(..., expect=...)`` compares), written atomically beside it."""
+    from common.io import save_json
+
+    return save_json({"weights": Path(weights).name, **card}, card_path(weights))
+
+
+def _flat(card: dict, prefix: str = "") -> dict:
+    import json
+
+    out = {}
+    for k, v in card.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.loads(json.dumps(v, default=str))  # tuples vs lists, numpy scalars
+    return out
+
+
+def _card_problem(path: Path, expect: dict) -> str | None:
+    """How the card beside ``path`` differs from ``expect``, in a line (None: no card, or it agrees)."""
+    import json
+
+    card_file = card_path(path)
+    if not card_file.is_file():
+        return None
+    try:
+        card = _flat(json.loads(card_file.read_text()))
+    except (OSError, ValueError, AttributeError):
+        return None
+    wanted = _flat(dict(expect))
+    differ = [k for k in wanted if k in card and card[k] != wanted[k]]
+    if not differ:
+        return None
+    shown = ", ".join(f"{k} {card[k]} (config: {wanted[k]})" for k in differ[:4])
+    more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+    return f"{card_file.name} says they were trained with {shown}{more}"
+
+
 def load_weights(network: torch.nn.Module, path: str | Path, key: str | None = None, strict: bool = True,
-                 hint: str = "") -> torch.nn.Module:
+                 hint: str = "", expect: dict | None = None) -> torch.nn.Module:
     """Fill ``network`` from a weight file and return it: a plain state dict, MONAI ``CheckpointSaver``'s
     ``{"model": ...}`` or a full-state training checkpoint (``key`` picks its entry, e.g. ``"ema"``; default
     ``"network"``/``"generator"``/``"model"``). Loaded with ``weights_only=True``.
 
     Weights that do not fit stop with one short :class:`~common.io.DataError` naming the file, what differs
     and ``hint`` (how to get matching weights), never a page of ``state_dict`` keys and never a partial load.
+    ``expect``: the config's values for what the weights card beside the file records (:func:`write_card`);
+    a card that disagrees (other sizes, contrasts or label scheme) is refused by name before any tensor is read.
     """
     from common.io import DataError
 
     path = Path(path)
     if not path.is_file():
         raise DataError(path, f"weight file not found{'; ' + hint if hint else ''}")
+    problem = _card_problem(path, dict(expect)) if expect else None
+    if problem:
+        raise DataError(path, f"weights do not fit the configured network: {problem}{'. ' + hint if hint else ''}")
     state = torch_load(path)
     if isinstance(state, dict) and "objects" in state:  # full-state training checkpoint
         state = state["objects"]
@@ -247,6 +297,22 @@ class FullStateCheckpointer:
         set_rng_state(rng_states[idist.get_rank() % len(rng_states)])
         self.loaded_from = Path(path)
         logger.info(f"resumed from {path} at iteration {saved['iteration']}")
+
+
+class WeightsCard:
+    """Handler writing the weights card (:func:`write_card`) beside ``path`` when training completes (rank 0),
+    next to whatever writes the weights (MONAI ``CheckpointSaver`` or :class:`WeightsExporter`)."""
+
+    def __init__(self, path: str | Path, card: dict):
+        self.path, self.card = Path(path), dict(card)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def write(self, engine: Engine | None = None) -> Path | None:
+        if idist.get_rank() != 0:
+            return None
+        return write_card(self.path, self.card)
 
 
 class WeightsExporter:
