@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from common import CONTRASTS
-from common.io import DataError, load_nifti, save_json, torch_load, torch_save
+from common.io import DataError, check_choice, check_flag, load_nifti, save_json, torch_load, torch_save
 from common.metrics import distribution, memorisation, report, similarity
 from common.metrics.features import build_extractor, default_device
 
@@ -75,13 +75,7 @@ class EvalConfig:
         from common.metrics.features import EXTRACTORS
         from common.metrics.segmentation import HD95_CONVENTIONS
 
-        def flag(name, ok, problem):
-            if not ok:
-                raise DataError(f"--{name}", problem)
-
-        def choice(name, value, choices):
-            flag(name, value in choices, f"unknown value {value!r}; choose one of {', '.join(map(str, choices))}")
-
+        flag, choice = check_flag, check_choice
         ext = self.extractor
         flag("extractor", ext is None or ext in EXTRACTORS or Path(str(ext)).is_file(),
              f"unknown feature extractor {ext!r}: choose one of {', '.join(sorted(EXTRACTORS))}, none, or a "

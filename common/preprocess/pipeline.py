@@ -23,7 +23,7 @@ from typing import Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from common.io import DataError
+from common.io import DataError, check_choice, check_flag
 from common.preprocess import core
 from common.preprocess.atlas import Atlas, load_atlas
 from common.preprocess.skullstrip import hdbet_brain_mask, resolve_method
@@ -58,20 +58,13 @@ class PreprocessConfig:
         from common import CONTRASTS
         from common.preprocess.skullstrip import SKULL_STRIP_METHODS
 
-        def positive(flag, value):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise DataError(f"--{flag}", f"must be a positive number of millimetres, got {value!r}")
-
-        positive("spacing", self.spacing)
-        positive("n4_resolution_mm", self.n4_resolution_mm)
-        if self.normalisation not in core.NORMALISATIONS:
-            raise DataError("--normalisation", f"unknown normalisation {self.normalisation!r}; choose one of "
-                                               f"{', '.join(core.NORMALISATIONS)}")
-        if self.skull_strip not in SKULL_STRIP_METHODS:
-            raise DataError("--skull_strip", f"unknown skull stripping {self.skull_strip!r}; choose one of "
-                                             f"{', '.join(SKULL_STRIP_METHODS)}")
-        if self.reference not in CONTRASTS:
-            raise DataError("--reference", f"unknown contrast {self.reference!r}; choose one of {', '.join(CONTRASTS)}")
+        for flag in ("spacing", "n4_resolution_mm"):
+            value = getattr(self, flag)
+            check_flag(flag, isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                       f"must be a positive number of millimetres, got {value!r}")
+        check_choice("normalisation", self.normalisation, core.NORMALISATIONS)
+        check_choice("skull_strip", self.skull_strip, SKULL_STRIP_METHODS)
+        check_choice("reference", self.reference, CONTRASTS)
         for flag, path in (("atlas", self.atlas), ("atlas_mask", self.atlas_mask)):
             if path is not None and not Path(path).is_file():
                 raise DataError(f"--{flag} {path}", "file does not exist")
