@@ -92,7 +92,8 @@ class MaskSource:
     bad input stops the run with a clear error and no output at all.
 
     ``label_scheme``: the masks' label convention (default: the datalist's, else brats2023); masks are converted
-    to ``condition_scheme`` (what the network was trained on). ``spatial_size``: the model grid the masks must be on.
+    to ``condition_scheme`` (what the network was trained on). ``spatial_size``: the model grid (masks must be on it
+    unless ``chain`` is given).
     ``validate``: a method's own check of a converted mask, ``labels -> [problems]`` (empty: valid).
     ``chain``: the bundle's deterministic mask chain (``{"label": MetaTensor} -> {"label": ...}`` on the
     model grid, its affine tracked by MONAI). With it a mask may be on any grid -- a BraTS mask in scanner space --
