@@ -188,3 +188,30 @@ def test_case_ids_are_realistic_and_unique():
     assert make_case_id("brats2023", 7) == "BraTS-GLI-00007-000"
     assert make_case_id("msd", 0) == "BRATS_001"
     assert make_case_id("brats2019", 27, "HGG") == "BraTS19_CBICA_ABB_1"
+
+
+def _record_many(root: str, start: int) -> None:
+    from common.data.layouts import GRADES_CSV, _record_grade
+
+    for i in range(start, start + 25):
+        _record_grade(Path(root) / GRADES_CSV, "case_id", ("case_id", "grade"), f"BraTS-GLI-{i:05d}-000", "grade",
+                      "HGG" if i % 2 else "LGG")
+
+
+def test_parallel_case_writers_keep_every_grade(tmp_path):
+    """Phantom workers record their cases' grades in one grades.csv at once: none may be lost (read-modify-write
+    under a folder lock); a lost row made a case 'have no grade' for class-conditional training."""
+    import multiprocessing as mp
+
+    from common.data.layouts import GRADES_CSV, read_grades
+
+    ctx = mp.get_context("fork")
+    workers = [ctx.Process(target=_record_many, args=(str(tmp_path), start)) for start in (0, 100, 200)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert all(w.exitcode == 0 for w in workers)
+    grades = read_grades(tmp_path / GRADES_CSV)
+    assert len(grades) == 75 and grades["BraTS-GLI-00101-000"] == "HGG"
+    assert [p.name for p in tmp_path.iterdir()] == [GRADES_CSV]  # no lock file left in the dataset

@@ -17,9 +17,11 @@ other layout -> an optional ``grades.csv`` (``case_id,grade``) at the root, writ
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,14 +205,33 @@ def _write_csv(path: Path, columns, rows: list[dict]) -> None:
         tmp.write_text(buf.getvalue())
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Exclusive lock on a folder (POSIX ``flock`` on its descriptor; no lock file left in the dataset), so that
+    parallel case writers do not lose each other's rows of a shared CSV."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): writers there run one at a time
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def _record_grade(path: Path, id_column: str, columns, case_id: str, grade_column: str, grade: str) -> None:
-    rows = _read_csv(path) if path.exists() else []
-    rows = [r for r in rows if r.get(id_column) != case_id]
-    row = {c: "NA" for c in columns}
-    row.update({id_column: case_id, grade_column: grade})
-    rows.append(row)
-    rows.sort(key=lambda r: r.get(id_column, ""))
-    _write_csv(path, columns, rows)
+    with _folder_lock(path.parent):  # read-modify-write: phantom workers write cases of one folder at once
+        rows = _read_csv(path) if path.exists() else []
+        rows = [r for r in rows if r.get(id_column) != case_id]
+        row = {c: "NA" for c in columns}
+        row.update({id_column: case_id, grade_column: grade})
+        rows.append(row)
+        rows.sort(key=lambda r: r.get(id_column, ""))
+        _write_csv(path, columns, rows)
 
 
 def read_grades(path: Path, id_column: str = "case_id", grade_column: str = "grade") -> dict[str, str | None]:
