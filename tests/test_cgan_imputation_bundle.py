@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,13 +18,13 @@ import pytest
 import torch
 
 from common.io import DataError
+from helpers import assert_imputed_on_source_grid, bundle_command
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "brats_mri_cgan_imputation"
 BUNDLE = REPO / "bundles" / NAME
 PY = sys.executable
 ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-HEADER_FIELDS = ("dim", "pixdim", "qform_code", "sform_code", "srow_x", "srow_y", "srow_z", "xyzt_units")
 DEMO = ["inference.json", "demo.json"]
 HELD_OUT_SEED = 1000  # the demo weights were trained on phantom seed 0
 
@@ -37,11 +36,7 @@ def _parser(*files, **overrides):
 
 
 def _bundle_cmd(args, timeout=900, runner=None, check=True):
-    cmd = (runner or [PY, "-m", "monai.bundle"]) + args
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+    return bundle_command(BUNDLE, ENV, args, timeout, runner, check)
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -135,14 +130,7 @@ def test_bundle_imputes_on_the_source_grid_with_a_sidecar_and_the_dataset_valida
     records = _impute(dataset_dir=str(missing_flair), in_place=True, progress=False)[0]
     assert len(records) == 2
     for rec in records:
-        out, src = nib.load(rec["output"]), nib.load(rec["output"].replace("-t2f.", "-t2w."))
-        assert out.shape == src.shape
-        np.testing.assert_array_equal(out.affine, src.affine)
-        for field in HEADER_FIELDS:
-            np.testing.assert_array_equal(out.header[field], src.header[field], err_msg=field)
-        data = np.asarray(out.dataobj)
-        assert data.min() >= 0 and data.max() <= 1 and data.any()
-        assert not data[np.asarray(src.dataobj) == 0].any()
+        assert_imputed_on_source_grid(rec["output"], rec["output"].replace("-t2f.", "-t2w."))
         side = json.loads(Path(rec["sidecar"]).read_text())
         assert side["synthetic"] is True and side["target"] == "t2f" and list(side["sources"]) == ["t2w"]
         assert "model.pt (sha256 " in side["model"]

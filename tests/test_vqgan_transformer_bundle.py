@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from common.io import DataError
+from helpers import bundle_command
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brats_mri_vqgan_transformer"
@@ -31,11 +31,7 @@ USAGE_FLOOR = 0.25  # fraction of the demo codebook's 64 codes the real phantom 
 
 
 def _bundle_cmd(args, timeout=900, runner=None, check=True):
-    cmd = (runner or [PY, "-m", "monai.bundle"]) + args
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+    return bundle_command(BUNDLE, ENV, args, timeout, runner, check)
 
 
 def _parser(*files, **overrides):
