@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from common.io import DataError
+from helpers import bundle_command
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brats_mri_gliomagen"
@@ -26,9 +27,7 @@ HEAD, NETC, SNFH, ET, RC = 1, 2, 3, 4, 5
 
 
 def _bundle_cmd(args, timeout=900, runner=None):
-    cmd = (runner or [PY, "-m", "monai.bundle"]) + args
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = bundle_command(BUNDLE, ENV, args, timeout, runner)
     return proc.stdout + proc.stderr
 
 

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from common.io import DataError
+from helpers import bundle_command
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brats_mri_ldm3d"
@@ -28,9 +28,7 @@ ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_TH
 
 
 def _bundle_cmd(args, timeout=600, runner=None):
-    cmd = (runner or [PY, "-m", "monai.bundle"]) + args
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = bundle_command(BUNDLE, ENV, args, timeout, runner)
     return proc.stdout + proc.stderr
 
 
