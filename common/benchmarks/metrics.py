@@ -111,10 +111,11 @@ def _end_to_end(ctx: BenchmarkContext) -> tuple[list, list]:
     from common.metrics import EvalConfig, evaluate_sets
 
     shape = tuple(ctx.overrides.get("metric_case_shape", (128, 128, 64)))
-    n_big = int(ctx.overrides.get("metric_cases", 20))
+    # 40: with 2 workers the pool's start-up (spawn + imports, ~15 s here) swamps the slope at 10 vs 20 cases
+    n_big = int(ctx.overrides.get("metric_cases", 40))
     n_small = max(2, n_big // 2)
     target = int(ctx.overrides.get("metric_extrapolate_to", 500))
-    results = []
+    results, extrapolated = [], []
     worker_counts = [1] + ([ctx.workers] if ctx.workers > 1 else [])
     with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
         ctx.log(f"metrics: writing {n_big} phantom cases of {shape} and noised copies")
@@ -146,11 +147,18 @@ def _end_to_end(ctx: BenchmarkContext) -> tuple[list, list]:
             if workers > 1:
                 row["peak_memory_mib"] = None  # the work happens in the workers
             results.append(row)
+            if per_case > 0:
+                extrapolated.append(f"workers={workers}: {per_case:.2f} s per case pair + {fixed:.0f} s start-up -> "
+                                    f"{target} vs {target} in {(fixed + per_case * target) / 60:.1f} min")
+            else:  # timing noise larger than the work added: no honest slope
+                extrapolated.append(f"workers={workers}: {n_big} cases took no longer than {n_small} "
+                                    f"({t_big:.1f} s vs {t_small:.1f} s): start-up dominates, no extrapolation; "
+                                    "rerun with a larger metric_cases")
     notes = [f"end to end: evaluate_sets on {n_big} phantom cases ({'x'.join(map(str, shape))}, 4 contrasts) against "
              "noised copies paired by id (paired SSIM/PSNR/MAE brain+lesion, MS-SSIM fidelity, MMD, histograms), "
              f"NIfTI reading included, extractor none; timed at {n_small} and {n_big} cases: the slope is the cost "
              f"of one real + one synthetic case, the intercept start-up; extrapolated to {target} vs {target} "
-             "as intercept + slope x N"]
+             "as intercept + slope x N", "extrapolated: " + "; ".join(extrapolated)]
     return results, notes
 
 
