@@ -37,3 +37,51 @@ def assert_imputed_on_source_grid(output: str, source: str) -> np.ndarray:
     assert data.min() >= 0 and data.max() <= 1 and data.any()
     assert not data[np.asarray(src.dataobj) == 0].any()  # background stays background
     return data
+
+
+def tracking_args(output_dir: Path) -> list[str]:
+    """``--tracking mlflow`` (MONAI's settings: SQLite store ``<output_dir>/mlruns.db``) with the executed config
+    saved as an artifact. ``--save_execute_config`` is given because with a literal ``--output_dir`` MONAI 1.6
+    records the artifact as the string "<dir> + '/config_<time>.json'", a file that does not exist."""
+    return ["--tracking", "mlflow", "--save_execute_config", str(Path(output_dir) / "executed_config.json")]
+
+
+def mlflow_runs(output_dir: Path) -> list[dict]:
+    """Every run in ``<output_dir>/mlruns.db``, oldest first: status, params, metric histories, artifact names."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(output_dir).resolve() / 'mlruns.db'}")
+    runs = []
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]):
+            run_id = run.info.run_id
+            runs.append({
+                "status": run.info.status, "params": dict(run.data.params),
+                "metrics": {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)]
+                            for k in run.data.metrics},
+                "artifacts": [a.path for a in client.list_artifacts(run_id)],
+            })
+    return runs
+
+
+def assert_tracked(run: dict, losses: list[float], validation_metric: str) -> None:
+    """The MLflow run holds what the log printed: every training loss (in order), the validation metric, the
+    trainer's parameters and the executed config."""
+    assert run["status"] == "FINISHED"
+    assert {"max_epochs", "epoch_length"} <= set(run["params"]), run["params"]
+    np.testing.assert_allclose(run["metrics"]["train_loss"], losses, rtol=1e-3, atol=1e-4)  # the log rounds
+    assert run["metrics"].get(validation_metric), sorted(run["metrics"])
+    assert "executed_config.json" in run["artifacts"], run["artifacts"]
+
+
+def tensorboard_images(log_dir: Path) -> dict[str, list]:
+    """Image summaries under ``log_dir`` (every event file): tag -> [(step, height, width)]."""
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    found: dict[str, list] = {}
+    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={IMAGES: 0})
+        acc.Reload()
+        for tag in acc.Tags()[IMAGES]:
+            found.setdefault(tag, []).extend((e.step, e.height, e.width) for e in acc.Images(tag))
+    return found

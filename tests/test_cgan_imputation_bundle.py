@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from common.io import DataError
-from helpers import assert_imputed_on_source_grid, bundle_command
+from helpers import (assert_imputed_on_source_grid, assert_tracked, bundle_command, mlflow_runs, tensorboard_images,
+                     tracking_args)
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "brats_mri_cgan_imputation"
@@ -250,9 +251,14 @@ def test_training_through_monai_bundle_run_on_one_and_two_processes(tmp_path):
     files = "['configs/inference.json','configs/train.json','configs/task_t1c_to_t1n.json','configs/demo.json'"
     proc = _bundle_cmd(["run", "training", "--config_file", files + "]", *common, "--max_iterations", "6",
                         "--val_interval", "3", "--output_dir", str(tmp_path / "runs"),
-                        "--ckpt_dir", str(tmp_path / "models")])
+                        "--ckpt_dir", str(tmp_path / "models"), *tracking_args(tmp_path / "runs")])
     log = proc.stdout + proc.stderr
     assert len(_losses(log)) == 6 and "val_ssim" in log  # 3 training cases, batch 2 -> 2 iterations an epoch
+    (run,) = mlflow_runs(tmp_path / "runs")
+    assert_tracked(run, _losses(log), "val_ssim")
+    pictures = tensorboard_images(tmp_path / "runs")["validation/real_vs_generated"]
+    assert [step for step, _, _ in pictures] == [3]  # validation every 3 epochs (2 iterations each), 6 iterations
+    assert pictures[0][1] == 2 * pictures[0][2]  # T1: real above imputed
     gen, info = load_generator(tmp_path / "models" / "model_t1c_t1n.pt")
     assert info["sources"] == ["t1c"] and info["target"] == "t1n" and info["spatial_size"] == [48, 48]
     assert info["generator_config"]["base_channels"] == 16

@@ -563,3 +563,21 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_and_feature_matching_is_repo
         ae_trainer(ae, torch.optim.SGD(ae.parameters(), 0.0), losses={"l1": L1()}, adaptive_weight=True)
     with pytest.raises(ValueError, match="reserved"):
         ae_trainer(ae, torch.optim.SGD(ae.parameters(), 0.0), losses={"loss": L1()})
+
+
+def test_validation_images_put_real_above_generated_per_channel(tmp_path):
+    from common.engines.validation import ValidationImages
+
+    real = torch.zeros(2, 3, 4, 5)
+    real[0, ..., 2] = torch.arange(12.0).view(3, 4)  # channel 0, middle slice: a ramp 0..11
+    real[1, ..., 2] = 5.0
+    real[1, 0, 0, 2] = 1.0
+    generated = real * 0.5
+    handler = ValidationImages(str(tmp_path))
+    picture = handler.picture([{"label": real, "pred": generated}])
+    assert picture.shape == (1, 6, 8)  # 2 rows (real, generated) x 2 channels of 3x4
+    torch.testing.assert_close(picture[0, :3, :4], torch.arange(12.0).view(3, 4) / 11)
+    torch.testing.assert_close(picture[0, 3:, :4], (torch.arange(12.0).view(3, 4) * 0.5 / 11))  # real's range
+    assert picture[0, :3, 4:].max() == 1 and picture[0, 0, 4] == 0
+    batched = handler.picture({"label": real[None], "pred": generated[None]})
+    torch.testing.assert_close(batched, picture)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from common.io import DataError
-from helpers import bundle_command
+from helpers import assert_tracked, bundle_command, mlflow_runs, tracking_args
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brats_mri_gliomagen"
@@ -172,9 +172,12 @@ def test_training_through_monai_bundle_run_on_one_and_two_processes(tmp_path):
               "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
               "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "runs"),
               "--ckpt_dir", str(tmp_path / "models"), *TINY]
-    log = _bundle_cmd(["run", "training", *common, "--max_epochs", "30", "--val_interval", "30", "--lr", "3e-3"])
+    log = _bundle_cmd(["run", "training", *common, "--max_epochs", "30", "--val_interval", "30", "--lr", "3e-3",
+                       *tracking_args(tmp_path / "runs")])
     losses = _losses(log)
     assert len(losses) == 60 and np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
+    (run,) = mlflow_runs(tmp_path / "runs")
+    assert_tracked(run, losses, "val_denoising_mse")
     assert "val_denoising_mse" in log
     ema = torch.load(tmp_path / "models" / "model.pt", weights_only=True)  # the EMA weights, exported
     assert any(k.startswith("unet.") for k in ema) and any(k.startswith("conditioner.") for k in ema)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from common.io import DataError
-from helpers import bundle_command
+from helpers import assert_tracked, bundle_command, mlflow_runs, tensorboard_images, tracking_args
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brats_mri_ldm3d"
@@ -220,7 +220,7 @@ def test_both_stages_train_through_monai_bundle_run_and_infer(tmp_path):
     cfg = "configs/{}"
     common = ["--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
               "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "runs"),
-              "--ckpt_dir", str(tmp_path / "models"), *TINY]
+              "--ckpt_dir", str(tmp_path / "models"), *tracking_args(tmp_path / "runs"), *TINY]
     log = _bundle_cmd(["run", "training", "--config_file",
                        f"['{cfg.format('inference.json')}','{cfg.format('train_autoencoder.json')}','{cfg.format('demo.json')}']",
                        "--ae_max_epochs", "6", "--ae_lr", "2e-3", *common, "--val_interval", "6"])
@@ -228,6 +228,9 @@ def test_both_stages_train_through_monai_bundle_run_and_infer(tmp_path):
         assert re.search(rf"{metric}: [0-9.]+", log), metric
     losses = _losses(log)
     assert len(losses) == 12 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    assert_tracked(mlflow_runs(tmp_path / "runs")[0], losses, "val_psnr")  # --tracking mlflow
+    # TensorBoard: real above reconstructed, middle axial slice of the 4 contrasts, at the validation epoch
+    assert tensorboard_images(tmp_path / "runs")["validation/real_vs_generated"] == [(6, 64, 128)]
     assert (tmp_path / "models" / "autoencoder.pt").exists()
     assert list((tmp_path / "cache").glob("phantoms_*/datalist.json"))  # phantom data made on first use
     log = _bundle_cmd(["run", "training", "--config_file",
@@ -236,6 +239,10 @@ def test_both_stages_train_through_monai_bundle_run_and_infer(tmp_path):
                        *common[:-2]])
     losses = _losses(log)
     assert len(losses) == 12 and np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+    runs = mlflow_runs(tmp_path / "runs")
+    assert len(runs) == 2  # one run per stage
+    assert_tracked(runs[1], losses, "val_denoising_mse")
+    assert len(tensorboard_images(tmp_path / "runs")["validation/real_vs_generated"]) == 1  # none of noise
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert float(state["scale_factor"]) > 0  # computed once, stored in the diffusion checkpoint
     assert "val_denoising_mse" in log

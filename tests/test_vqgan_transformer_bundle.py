@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from common.io import DataError
-from helpers import bundle_command
+from helpers import assert_tracked, bundle_command, mlflow_runs, tensorboard_images, tracking_args
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brats_mri_vqgan_transformer"
@@ -206,7 +206,7 @@ TINY = ["--roi_size", "[16,16,16]", "--phantom_shape", "[48,48,32]", "--phantom_
 def test_both_stages_train_through_monai_bundle_run_and_their_losses_fall(tmp_path):
     args = ["--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
             "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "runs"),
-            "--ckpt_dir", str(tmp_path / "models"), *TINY]
+            "--ckpt_dir", str(tmp_path / "models"), *tracking_args(tmp_path / "runs"), *TINY]
     stage1 = "['configs/inference.json','configs/train_vqgan.json','configs/demo.json']"
     # the adversarial term (which does not fall) is exercised by the two-process run below
     log = _bundle_cmd(["run", "training", "--config_file", stage1, *args, "--vqgan_max_epochs", "30",
@@ -214,6 +214,8 @@ def test_both_stages_train_through_monai_bundle_run_and_their_losses_fall(tmp_pa
                        "--dead_code_after", "10", "--vqgan_lr", "3e-3"]).stdout
     losses = _values(log, "train_loss")
     assert len(losses) == 60 and np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8]), losses
+    assert_tracked(mlflow_runs(tmp_path / "runs")[0], losses, "val_mae")
+    assert tensorboard_images(tmp_path / "runs")["validation/real_vs_generated"] == [(30, 32, 16)]  # FLAIR ROI
     usage = _values(log, "codebook_usage")
     assert usage and "codebook_perplexity" in log and "val_mae" in log
     state = torch.load(tmp_path / "models" / "vqgan.pt", weights_only=True)
@@ -224,6 +226,7 @@ def test_both_stages_train_through_monai_bundle_run_and_their_losses_fall(tmp_pa
                        "--val_interval", "20", "--transformer_lr", "3e-3"]).stdout
     losses = _values(log, "train_loss")
     assert len(losses) == 80 and np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
+    assert_tracked(mlflow_runs(tmp_path / "runs")[1], losses, "val_masked_token_ce")
     val = _values(log, "-- val_masked_token_ce")
     assert len(val) == 2 and min(val) < np.log(16), val  # better than a uniform guess over the 16 codes
     assert (tmp_path / "models" / "model.pt").is_file()

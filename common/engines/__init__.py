@@ -20,7 +20,8 @@ Around them:
 * :mod:`common.engines.distributed` -- ``setup()``, ``wrap_model()``, ``is_main_process()`` for torchrun;
 * :mod:`common.engines.validation` -- seeded evaluators, prepare-batch, inferers and metric handlers.
 
-Logging is MONAI's (``StatsHandler``, ``TensorBoardStatsHandler``, ``TensorBoardImageHandler``).
+Logging is MONAI's (``StatsHandler``, ``TensorBoardStatsHandler``, ``MLFlowHandler`` through ``--tracking mlflow``),
+plus :class:`common.engines.validation.ValidationImages` (real above generated slices in TensorBoard).
 """
 
 from common.engines import losses

@@ -219,3 +219,46 @@ def ssim_handler(kernel_size: int = 11, output_transform: Callable | None = None
 
 def psnr_handler(output_transform: Callable | None = None):
     return metric_handler(psnr_per_sample, output_transform)
+
+
+class ValidationImages:
+    """TensorBoard picture of the first validation case: real (``label``) above generated (``pred``), the
+    middle axial slice of every channel side by side, each channel scaled to its own real range. Attach to an
+    evaluator whose outputs pair a target image with a generated one (reconstruction, imputation); the
+    diffusion stages' outputs are noise and do not attach it."""
+
+    def __init__(self, log_dir: str, tag: str = "validation/real_vs_generated"):
+        self.log_dir = log_dir
+        self.tag = tag
+        self._writer = None
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    @staticmethod
+    def _middle_slices(volume: torch.Tensor) -> torch.Tensor:
+        volume = volume.detach().float().cpu()
+        return volume[..., volume.shape[-1] // 2] if volume.ndim == 4 else volume  # [C, H, W]
+
+    def picture(self, output) -> torch.Tensor:
+        """[1, 2H, C*W] in [0, 1] from one output dict (or a batch dict: its first case)."""
+        if isinstance(output, (list, tuple)):  # decollated: one dict per case
+            real, generated = output[0]["label"], output[0]["pred"]
+        else:  # one dict of batched tensors
+            real, generated = output["label"][0], output["pred"][0]
+        real, generated = self._middle_slices(real), self._middle_slices(generated)
+        low = real.flatten(1).amin(1).view(-1, 1, 1)
+        high = real.flatten(1).amax(1).view(-1, 1, 1)
+        scale = lambda x: ((x - low) / (high - low).clamp_min(1e-8)).clamp(0, 1)  # noqa: E731
+        rows = [torch.cat(list(scale(img)), dim=-1) for img in (real, generated)]
+        return torch.cat(rows, dim=0)[None]
+
+    def __call__(self, engine) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        self._writer.add_image(self.tag, self.picture(engine.state.output), engine.state.epoch, dataformats="CHW")
+        self._writer.flush()
