@@ -16,7 +16,8 @@ Around them:
 * :mod:`common.engines.checkpoint` -- :class:`FullStateCheckpointer` (exact resume, RNG included),
   :class:`WeightsExporter` (plain ``models/*.pt``, e.g. of the EMA weights), :class:`WeightsCard` (what they were
   trained as, beside them), :func:`load_weights`;
-* :mod:`common.engines.data` -- :func:`make_dataloader` / :class:`ResumableSampler`;
+* :mod:`common.engines.data` -- :func:`make_dataloader` / :class:`ResumableSampler`; :func:`training_loader` (the
+  ``loader`` switch: that loader as is, or :class:`DaliLoader`, the same data served by NVIDIA DALI);
 * :mod:`common.engines.distributed` -- ``setup()``, ``wrap_model()``, ``is_main_process()`` for torchrun;
 * :mod:`common.engines.validation` -- seeded evaluators, prepare-batch, inferers and metric handlers.
 
@@ -28,7 +29,7 @@ from common.engines import losses
 from common.engines.adversarial import AdversarialTrainer
 from common.engines.base import EngineOutput, GenerativeTrainer
 from common.engines.checkpoint import FullStateCheckpointer, WeightsCard, WeightsExporter, load_weights, write_card
-from common.engines.data import ResumableSampler, make_dataloader
+from common.engines.data import DaliLoader, ResumableSampler, make_dataloader, training_loader
 from common.engines.diffusion import DiffusionTrainer, diffusion_target
 
 __all__ = [
@@ -44,5 +45,7 @@ __all__ = [
     "losses",
     "ResumableSampler",
     "make_dataloader",
+    "training_loader",
+    "DaliLoader",
     "diffusion_target",
 ]

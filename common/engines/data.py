@@ -14,6 +14,7 @@ sample in a given epoch whatever the number of workers or processes, and after a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 import ignite.distributed as idist
 
-__all__ = ["ResumableSampler", "SeededDataset", "make_dataloader", "sample_seed"]
+__all__ = ["DaliLoader", "ResumableSampler", "SeededDataset", "make_dataloader", "sample_seed", "training_loader"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -126,3 +127,77 @@ def make_dataloader(
         generator=generator,
         **kwargs,
     )
+
+
+class DaliLoader:
+    """The training loader served by NVIDIA DALI (``"loader": "dali"``), built from the MONAI loader a bundle
+    defines (:func:`make_dataloader` over a ``CacheDataset``): same items, chain, batch size, seed and order.
+
+    The deterministic chain runs once per case into an array cache (``common.data.dali.ArrayCache``); the
+    random augmentations run in a DALI pipeline on ``device`` with parameters drawn from
+    ``sample_seed(seed, epoch, index)``. ``sampler`` is a :class:`ResumableSampler`, so the trainers position a
+    resumed run exactly as with the MONAI loader.
+    """
+
+    def __init__(self, dataloader, cache_dir: str | None = None, device: Any = "cpu", num_threads: int = 2,
+                 tag: str = "", progress: bool = False):
+        from common.data.dali import ArrayCache, DaliAugmenter, augmentation_plan, require_dali, split_chain
+        from common.io import cache_dir as default_cache_dir
+
+        require_dali()
+        dataset = dataloader.dataset
+        base = dataset.dataset if isinstance(dataset, SeededDataset) else dataset
+        if not hasattr(base, "data") or not hasattr(base, "transform"):
+            raise TypeError(f"DaliLoader needs a MONAI dataset with data and transform, got {type(base).__name__}")
+        transforms = list(getattr(base.transform, "transforms", base.transform))
+        self.keys = self._output_keys(transforms)
+        deterministic, random = split_chain(base.transform)
+        self.plan = augmentation_plan(random)
+        self.cache = ArrayCache(base.data, deterministic, self.keys, Path(cache_dir or default_cache_dir()) / "dali",
+                                tag=tag or ",".join(type(t).__name__ for t in deterministic), progress=progress)
+        self.cache.build()
+        sampler = dataloader.sampler
+        self.seed, self.batch_size, self.drop_last = int(sampler.seed), int(dataloader.batch_size), bool(sampler.drop_last)
+        self.sampler = ResumableSampler(range(len(self.cache)), shuffle=sampler.shuffle, seed=self.seed,
+                                        drop_last=self.drop_last, num_replicas=sampler.num_replicas,
+                                        rank=sampler.rank, with_epoch=True)
+        self.augment = DaliAugmenter(self.keys, self.plan, self.batch_size, device, num_threads, self.seed)
+
+    @staticmethod
+    def _output_keys(transforms) -> tuple:
+        from monai.transforms import EnsureTyped, ToTensord
+
+        last = transforms[-1] if transforms else None
+        if not isinstance(last, (EnsureTyped, ToTensord)):
+            raise TypeError("DaliLoader: the training chain must end with EnsureTyped/ToTensord naming the keys "
+                            "the trainer reads")
+        return tuple(last.keys)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = list(self.sampler)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            if self.drop_last and len(chunk) < self.batch_size:
+                return
+            arrays = [{k: self.cache.load(i, k) for k in self.keys} for i, _ in chunk]
+            params = [self._draw(i, epoch) for i, epoch in chunk]
+            yield self.augment(arrays, params)
+
+    def _draw(self, index: int, epoch: int) -> list:
+        from common.data.dali import draw
+
+        return draw(self.plan, sample_seed(self.seed, epoch, index), self.cache.shapes[index])
+
+
+def training_loader(loader: str, dataloader, cache_dir: str | None = None, device: Any = "cpu", tag: str = ""):
+    """The bundle's MONAI ``dataloader`` as it is (``"monai"``) or served by DALI (``"dali"``): one switch."""
+    from common.io import check_choice
+
+    check_choice("loader", loader, ("monai", "dali"))
+    if loader == "monai":
+        return dataloader
+    return DaliLoader(dataloader, cache_dir=cache_dir, device=device, tag=tag)
