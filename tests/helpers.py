@@ -85,3 +85,20 @@ def tensorboard_images(log_dir: Path) -> dict[str, list]:
         for tag in acc.Tags()[IMAGES]:
             found.setdefault(tag, []).extend((e.step, e.height, e.width) for e in acc.Images(tag))
     return found
+
+
+def serve_study(root: Path) -> dict:
+    """One phantom case (64x64x40, BraTS 2023 names) under ``root`` and its GliomaGen 6-label mask on the bundle's
+    grid: the inputs of every serving task (``common.bundle.serve``)."""
+    import glob
+
+    from common.bundle import prepare_cases
+    from common.data.datalist import build_datalist
+    from common.phantom import make_phantoms
+
+    make_phantoms(root / "data", n=1, shape=(64, 64, 40), layout="brats2023", seed=3, progress=False)
+    build_datalist(root / "data", root / "datalist.json", folds=1, val_fold=0, progress=False)
+    (prepared,) = prepare_cases(root / "datalist.json", root / "prepared", "brats_mri_gliomagen",
+                                ["inference.json", "demo.json"], section=["training", "validation"], progress=False)
+    case = {c: glob.glob(str(root / "data" / "*" / f"*-{c}.nii.gz"))[0] for c in ("t1c", "t2w", "seg")}
+    return {**case, "six_label": prepared["label"], "root": root}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import glob
 
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import serve_study
 
 from common.bundle.serve import TASKS, request_params, run_task, task_spec
 from common.io import DataError
@@ -14,18 +14,7 @@ from common.io import DataError
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """One phantom case (64x64x40, BraTS 2023 names) and its GliomaGen 6-label mask on the bundle's grid."""
-    from common.bundle import prepare_cases
-    from common.data.datalist import build_datalist
-    from common.phantom import make_phantoms
-
-    root = tmp_path_factory.mktemp("serve")
-    make_phantoms(root / "data", n=1, shape=(64, 64, 40), layout="brats2023", seed=3, progress=False)
-    build_datalist(root / "data", root / "datalist.json", folds=1, val_fold=0, progress=False)
-    (prepared,) = prepare_cases(root / "datalist.json", root / "prepared", "brats_mri_gliomagen",
-                                ["inference.json", "demo.json"], section=["training", "validation"], progress=False)
-    case = {c: glob.glob(str(root / "data" / "*" / f"*-{c}.nii.gz"))[0] for c in ("t1c", "t2w", "seg")}
-    return {**case, "six_label": prepared["label"], "root": root}
+    return serve_study(tmp_path_factory.mktemp("serve"))
 
 
 def _brighter_inside(image, mask) -> float:

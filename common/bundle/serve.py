@@ -58,6 +58,7 @@ class TaskSpec:
 
 
 _SEED = Param(int, 0, "random seed of the sample (same seed, same image)")
+_RECORDED_SEED = Param(int, 0, "recorded with the output only: the cGAN generator is deterministic")
 _SAMPLING = {
     "seed": _SEED,
     "num_inference_steps": Param(int, 50, "sampler steps (DDIM by default)"),
@@ -86,12 +87,12 @@ TASKS: dict[str, TaskSpec] = {
     "impute_flair": TaskSpec(
         "impute_flair", "brats_mri_cgan_imputation", "image",
         "cGAN imputation: FLAIR synthesised from the study's T2, on the T2's grid",
-        {"seed": _SEED}, outputs=("t2f",), source="t2w",
+        {"seed": _RECORDED_SEED}, outputs=("t2f",), source="t2w",
     ),
     "impute_t1": TaskSpec(
         "impute_t1", "brats_mri_cgan_imputation", "image",
         "cGAN imputation: T1 (pre-contrast) synthesised from the study's T1c, on the T1c's grid",
-        {"seed": _SEED}, overlays=("task_t1c_to_t1n.json",), outputs=("t1n",), source="t1c",
+        {"seed": _RECORDED_SEED}, overlays=("task_t1c_to_t1n.json",), outputs=("t1n",), source="t1c",
     ),
 }
 

@@ -1,0 +1,1 @@
+"""Infer tasks of the MONAI Label app (``tools/label_app``)."""
