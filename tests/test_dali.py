@@ -246,3 +246,18 @@ def test_the_imputation_slice_sampler_is_refused_until_dali_has_it(tmp_path):
         bundle_config("brats_mri_cgan_imputation", ["inference.json", "train.json", "demo.json"],
                       **overrides).get_parsed_content("train#loader")
     assert "BrainSliceSamplerd has no DALI equivalent" in str(user_error(err.value))
+
+
+def test_loader_benchmark_suite_times_monai_and_dali_side_by_side(tmp_path, one_torch_thread):
+    from common.benchmarks.data import loader
+    from common.benchmarks.runner import BenchmarkContext
+
+    ctx = BenchmarkContext("demo", "cpu", repeats=1, warmup=1, workers=2, progress=False, workdir=tmp_path,
+                           overrides={"phantom_cases": 4, "phantom_shape": [40, 40, 24], "spatial_size": [16, 16, 16]})
+    rows = loader(ctx)["results"]
+    assert [(r["group"], r["variant"]) for r in rows] == [
+        (name, variant) for name in ("GliomaGen", "LDM-3D autoencoder")
+        for variant in ("MONAI, 0 workers", "MONAI, 2 workers", "DALI (cpu)")]
+    for r in rows:
+        assert "failed" not in r, r
+        assert r["samples_per_epoch"] == 3 and r["samples_per_second"] > 0

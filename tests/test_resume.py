@@ -88,6 +88,31 @@ def build_diffusion(init_seed, ckpt_dir, scheduler="rflow"):
     return trainer, {}
 
 
+def build_diffusion_dali(init_seed, ckpt_dir):
+    """The diffusion run fed by the DALI loader (flips in the pipeline, parameters per (seed, epoch, index))."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (requirements-dev.txt)")
+    from monai.transforms import Compose, EnsureTyped, RandFlipd
+
+    from common.engines import DaliLoader
+
+    torch.manual_seed(init_seed)
+    ae, net = tiny_ae(), CondNet()
+    opt = torch.optim.AdamW(net.parameters(), 2e-3)
+    dataset = data()
+    dataset.transform = Compose([RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+                                 EnsureTyped(keys=["image", "label"])])
+    cache = (ckpt_dir or DALI_CACHE).parent / "dali-cache"  # the same arrays for the reference and the resumed run
+    loader = DaliLoader(make_dataloader(dataset, batch_size=2, shuffle=True, seed=5), cache_dir=str(cache))
+    handlers = [FullStateCheckpointer(ckpt_dir, save_interval_iterations=1)] if ckpt_dir is not None else []
+    trainer = DiffusionTrainer("cpu", 3, loader, net, opt, RFlowScheduler(1000, use_discrete_timesteps=False),
+                               autoencoder=ae, condition_key="label", condition_dropout=0.3, ema_decay=0.8,
+                               train_handlers=handlers)
+    return trainer, {}
+
+
+DALI_CACHE = None  # set per test (tmp_path) before the reference run
+
+
 def final_state(trainer, extra):
     objects = {**trainer.checkpoint_objects(), **extra}
     return {name: obj.state_dict() for name, obj in objects.items()}
@@ -115,9 +140,12 @@ def assert_same(a, b, where=""):
         (build_autoencoder, Events.ITERATION_STARTED, 7, 6),  # killed right after an epoch-end checkpoint
         (build_diffusion, Events.ITERATION_COMPLETED, 2, 1),
         (build_diffusion, Events.ITERATION_STARTED, 4, 3),
+        (build_diffusion_dali, Events.ITERATION_COMPLETED, 5, 4),
     ],
 )
 def test_killed_run_resumes_to_identical_weights(tmp_path, build, kill_event, kill_at, resume_at):
+    global DALI_CACHE
+    DALI_CACHE = tmp_path / "ckpt"
     reference, extra = build(0, None)
     reference.run()
     expected = final_state(reference, extra)

@@ -129,3 +129,49 @@ def _n4_anisotropic(ctx: BenchmarkContext, case) -> tuple[list, str]:
             "the former rule shrank every axis by 4 mm / the largest spacing, so thick slices ran N4 at full "
             "in-plane resolution; the per-axis rule shrinks each axis towards 4 mm (at least 16 voxels left)")
     return rows, note
+
+
+LOADER_BUNDLES = [  # (name, bundle, training configs): the bundles whose augmentations DALI runs
+    ("GliomaGen", "brats_mri_gliomagen", ["inference.json", "train.json"]),
+    ("LDM-3D autoencoder", "brats_mri_ldm3d", ["inference.json", "train_autoencoder.json"]),
+]
+
+
+def loader(ctx: BenchmarkContext) -> dict:
+    """Seconds per training sample of each bundle's own loader: MONAI with 0 and N workers against DALI (on the
+    benchmark device), one epoch per call after the caches were filled (CacheDataset at construction, DALI's
+    array cache on first use)."""
+    from common.bundle import bundle_config
+
+    cases = int(ctx.overrides.get("phantom_cases", 8))
+    results, notes = [], []
+    with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
+        for name, bundle, files in LOADER_BUNDLES:
+            configs = files + (["demo.json"] if ctx.size == "demo" else [])
+            base = {"cache_dir": str(Path(tmp) / "cache"), "phantom_cases": cases,
+                    "device": f"$torch.device('{ctx.device}')",
+                    **{k: v for k, v in ctx.overrides.items() if k not in ("phantom_cases",)}}
+            variants = [("MONAI, 0 workers", {"loader": "monai", "num_workers": 0}),
+                        (f"MONAI, {ctx.workers} workers", {"loader": "monai", "num_workers": ctx.workers}),
+                        (f"DALI ({ctx.device.type})", {"loader": "dali"})]
+            for variant, extra in variants:
+                ctx.log(f"loader: {name}: {variant}")
+                try:
+                    train_loader = bundle_config(bundle, configs, **base, **extra).get_parsed_content("train#loader")
+                    n = len(train_loader.sampler)
+
+                    def epoch(train_loader=train_loader):
+                        for batch in train_loader:
+                            batch["image"].sum().item()  # the batch is really there (device sync)
+
+                    times = [t / n for t in time_calls(epoch, ctx.repeats, ctx.warmup, ctx.device)]
+                    results.append(result(name, variant, times, "s/sample", samples_per_epoch=n,
+                                          samples_per_second=round(1 / stats(times)["median"], 1)))
+                except Exception as exc:  # e.g. DALI absent: recorded, the suite goes on
+                    from common.benchmarks.runner import failed
+
+                    results.append(failed(name, variant, exc))
+    notes.append(f"{cases} phantom cases per bundle ({ctx.size} configs), the training split (3/4 of them); "
+                 "the bundle's own chain and augmentations; compare samples/s with the bundle's *_train suite "
+                 "(samples per training step / seconds per step) to see whether the loader keeps up")
+    return {"results": results, "notes": notes}

@@ -48,6 +48,7 @@ from common.io import DataError
 SUITES = {
     "phantoms": "common.benchmarks.data:phantoms",
     "preprocess": "common.benchmarks.data:preprocess",
+    "loader": "common.benchmarks.data:loader",
     "engine": "common.benchmarks.engine:engine",
     "ldm3d_train": "common.ldm3d.benchmark:train",
     "ldm3d_sample": "common.ldm3d.benchmark:sample",

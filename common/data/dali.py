@@ -144,9 +144,12 @@ class ArrayCache:
             if isinstance(value, str) and os.path.isfile(value):
                 s = os.stat(value)
                 return [value, s.st_size, int(s.st_mtime)]
+            if hasattr(value, "shape"):  # in-memory arrays: their content
+                return hashlib.sha1(np.ascontiguousarray(np.asarray(value)).tobytes()).hexdigest()
             return value
 
-        record = [{k: stat(v) for k, v in sorted(it.items()) if isinstance(v, (str, int, float))} for it in self.items]
+        record = [{k: stat(v) for k, v in sorted(it.items()) if isinstance(v, (str, int, float)) or hasattr(v, "shape")}
+                  for it in self.items]
         return hashlib.sha1(json.dumps([record, tag, self.keys], default=str).encode()).hexdigest()[:16]
 
     def path(self, index: int, key: str) -> Path:
