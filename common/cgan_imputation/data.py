@@ -119,6 +119,12 @@ class BrainSliceSamplerd(RandomizableTransform, MapTransform):
             raise ValueError(f"num_samples (batch samples) must be >= 1, got {num_samples}")
         self.num_samples, self.axis, self.min_brain_fraction, self.brain_key = num_samples, axis, min_brain_fraction, brain_key
 
+    def dali_step(self):
+        """The same draw for the DALI loader (``common.data.dali.SliceSample``)."""
+        from common.data.dali import SliceSample
+
+        return SliceSample(tuple(self.keys), self.num_samples, self.axis, self.min_brain_fraction, self.brain_key)
+
     def eligible(self, brain: torch.Tensor) -> np.ndarray:
         """Indices of slices with enough brain."""
         b = torch.as_tensor(brain)[0] > 0

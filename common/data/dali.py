@@ -81,15 +81,49 @@ class ScaleZeroPad:
     prob: float
 
 
+@dataclass(frozen=True)
+class PadCrop:
+    """MONAI ``ResizeWithPadOrCropd`` after a random transform: zero-pad / centre-crop to ``spatial_size``."""
+
+    keys: tuple
+    spatial_size: tuple
+
+
+@dataclass(frozen=True)
+class SliceSample:
+    """2-D slices drawn from each volume (a transform's ``dali_step()``, e.g. the imputation bundle's
+    ``BrainSliceSamplerd``): ``num_samples`` slices along ``axis`` among those where ``brain_key`` covers at least
+    ``min_fraction``, without replacement while there are enough. Cut on the host from the cached volume (a copy
+    of planes); the steps after it run in DALI on 2-D images."""
+
+    keys: tuple
+    num_samples: int
+    axis: int
+    min_fraction: float
+    brain_key: str
+    index_key: str = "slice"
+
+    def eligible(self, brain: np.ndarray) -> np.ndarray:
+        other = tuple(a for a in range(3) if a != self.axis)
+        return np.flatnonzero((brain[0] > 0).mean(axis=other) >= self.min_fraction)
+
+    def picks(self, eligible: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return rng.choice(eligible, size=self.num_samples, replace=eligible.size < self.num_samples)
+
+
 def augmentation_plan(transforms: Sequence) -> list:
     """DALI steps for MONAI random transforms; a transform with no DALI equivalent is refused by name."""
-    from monai.transforms import RandFlipd
+    from monai.transforms import RandFlipd, ResizeWithPadOrCropd
 
     from common.data.transforms import RandScaleZeroPadd
 
     plan = []
     for t in transforms:
-        if isinstance(t, RandFlipd):
+        if hasattr(t, "dali_step"):  # a transform of a method module that declares its DALI equivalent
+            plan.append(t.dali_step())
+        elif isinstance(t, ResizeWithPadOrCropd):
+            plan.append(PadCrop(tuple(t.keys), tuple(int(v) for v in t.padder.padder.spatial_size)))
+        elif isinstance(t, RandFlipd):
             axis = t.flipper.spatial_axis
             axes = (0, 1, 2) if axis is None else tuple(np.atleast_1d(axis).tolist())
             plan.append(Flip(tuple(t.keys), float(t.prob), axes))
@@ -98,27 +132,37 @@ def augmentation_plan(transforms: Sequence) -> list:
                                      float(t.prob)))
         else:
             raise DataError("loader", f"augmentation {type(t).__name__} has no DALI equivalent in this project "
-                                      "(supported: RandFlipd, RandScaleZeroPadd); fix: --loader monai")
+                                      "(supported: RandFlipd, RandScaleZeroPadd, ResizeWithPadOrCropd, BrainSliceSamplerd); fix: --loader monai")
     return plan
 
 
-def draw(plan: Sequence, seed: int, shapes: Mapping[str, tuple]) -> list[dict]:
-    """The random parameters of one sample, drawn from its own seed: per step ``{"flip": 0 or 1}`` or
-    ``{"size": [spatial size after the zoom], "anchor": [start of the pad/crop window]}``."""
+def draw(plan: Sequence, seed: int | Sequence[int], shapes: Mapping[str, tuple]) -> list[dict]:
+    """The random parameters of one sample, drawn from its own seed, per step: ``{"flip": 0 or 1}``,
+    ``{"size": [spatial size after the zoom], "anchor": [start of the pad/crop window]}`` or ``{"anchor": ...}``;
+    ``shapes``: the sample's array shapes as they enter the plan."""
     rng = np.random.default_rng(seed)
+    spatial = list(next(iter(shapes.values()))[1:])
     params = []
     for step in plan:
-        if isinstance(step, Flip):
+        if isinstance(step, SliceSample):
+            raise ValueError("SliceSample runs on the host before the pipeline (DaliLoader), not in draw()")
+        if isinstance(step, PadCrop):
+            params.append({"anchor": _window(spatial, step.spatial_size)})
+            spatial = list(step.spatial_size)
+        elif isinstance(step, Flip):
             params.append({"flip": int(rng.random() < step.prob)})
         else:
             factor = float(rng.uniform(*step.scale_range)) if rng.random() < step.prob else 1.0
-            spatial = shapes[step.keys[0]][1:]
-            base = min(t / s for t, s in zip(step.spatial_size, spatial)) if step.fit else 1.0
-            size = [max(1, int(np.floor(s * base * factor))) for s in spatial]
-            # MONAI's ResizeWithPadOrCrop: pad (out - in) // 2 before, or crop from in // 2 - out // 2
-            anchor = [(n // 2 - t // 2) if n > t else -((t - n) // 2) for n, t in zip(size, step.spatial_size)]
-            params.append({"size": size, "anchor": anchor})
+            base = min(t / n for t, n in zip(step.spatial_size, spatial)) if step.fit else 1.0
+            size = [max(1, int(np.floor(n * base * factor))) for n in spatial]
+            params.append({"size": size, "anchor": _window(size, step.spatial_size)})
+            spatial = list(step.spatial_size)
     return params
+
+
+def _window(size: Sequence[int], target: Sequence[int]) -> list[int]:
+    """Start of MONAI's ResizeWithPadOrCrop window: pad (out - in) // 2 before, or crop from in // 2 - out // 2."""
+    return [(n // 2 - t // 2) if n > t else -((t - n) // 2) for n, t in zip(size, target)]
 
 
 # ---------------------------------------------------------------------------------------------- array cache
@@ -201,11 +245,12 @@ class DaliAugmenter:
     arrays out as torch tensors on ``device``."""
 
     def __init__(self, keys: Sequence[str], plan: Sequence, batch_size: int, device: Any = "cpu",
-                 num_threads: int = 2, seed: int = 0):
+                 num_threads: int = 2, seed: int = 0, spatial_dims: int = 3):
         import torch
 
         require_dali()
         self.keys, self.plan, self.batch_size = tuple(keys), list(plan), int(batch_size)
+        self.spatial = "DHW" if spatial_dims == 3 else "HW"
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
         self.pipe = self._build(num_threads, seed)
@@ -218,14 +263,21 @@ class DaliAugmenter:
         @pipeline_def(batch_size=self.batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                       prefetch_queue_depth=1)
         def pipeline():
-            data = {k: fn.external_source(name=k, layout="CDHW") for k in self.keys}
+            data = {k: fn.external_source(name=k, layout="C" + self.spatial) for k in self.keys}
             if self.gpu:
                 data = {k: v.gpu() for k, v in data.items()}
+            flip_names = {"D": "depthwise", "H": "vertical", "W": "horizontal"}
             for i, step in enumerate(self.plan):
-                if isinstance(step, Flip):
+                if isinstance(step, PadCrop):
+                    anchor = fn.external_source(name=f"step{i}_anchor", dtype=types.INT32)
+                    for k in step.keys:
+                        if k in data:
+                            data[k] = fn.slice(data[k], anchor, list(step.spatial_size), axis_names=self.spatial,
+                                               normalized_anchor=False, normalized_shape=False,
+                                               out_of_bounds_policy="pad", fill_values=0)
+                elif isinstance(step, Flip):
                     flag = fn.external_source(name=f"step{i}", dtype=types.INT32)
-                    axes = {0: "depthwise", 1: "vertical", 2: "horizontal"}  # spatial axes of CDHW
-                    kwargs = {name: (flag if a in step.axes else 0) for a, name in axes.items()}
+                    kwargs = {flip_names[name]: (flag if a in step.axes else 0) for a, name in enumerate(self.spatial)}
                     for k in step.keys:
                         if k in data:
                             data[k] = fn.flip(data[k], **kwargs)
@@ -237,7 +289,7 @@ class DaliAugmenter:
                             continue
                         interp = types.INTERP_NN if mode in ("nearest", "nearest-exact") else types.INTERP_LINEAR
                         zoomed = fn.resize(data[k], size=size, interp_type=interp, antialias=False)
-                        data[k] = fn.slice(zoomed, anchor, list(step.spatial_size), axis_names="DHW",
+                        data[k] = fn.slice(zoomed, anchor, list(step.spatial_size), axis_names=self.spatial,
                                            normalized_anchor=False, normalized_shape=False,
                                            out_of_bounds_policy="pad", fill_values=0)
             return tuple(data[k] for k in self.keys)
@@ -254,12 +306,12 @@ class DaliAugmenter:
         for k in self.keys:
             self.pipe.feed_input(k, [a[k] for a in arrays])
         for i, step in enumerate(self.plan):
-            if isinstance(step, Flip):
-                values = [np.array(p[i]["flip"], dtype=np.int32) for p in params]
-            else:
-                values = [np.array(p[i]["size"], dtype=np.float32) for p in params]
+            if "anchor" in params[0][i]:
                 self.pipe.feed_input(f"step{i}_anchor", [np.array(p[i]["anchor"], dtype=np.int32) for p in params])
-            self.pipe.feed_input(f"step{i}", values)
+            if isinstance(step, Flip):
+                self.pipe.feed_input(f"step{i}", [np.array(p[i]["flip"], dtype=np.int32) for p in params])
+            elif isinstance(step, ScaleZeroPad):
+                self.pipe.feed_input(f"step{i}", [np.array(p[i]["size"], dtype=np.float32) for p in params])
         outputs = self.pipe.run()
         batch = {}
         for k, out in zip(self.keys, outputs):

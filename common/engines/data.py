@@ -141,7 +141,8 @@ class DaliLoader:
 
     def __init__(self, dataloader, cache_dir: str | None = None, device: Any = "cpu", num_threads: int = 2,
                  tag: str = "", progress: bool = False):
-        from common.data.dali import ArrayCache, DaliAugmenter, augmentation_plan, require_dali, split_chain
+        from common.data.dali import (ArrayCache, DaliAugmenter, SliceSample, augmentation_plan, require_dali,
+                                      split_chain)
         from common.io import cache_dir as default_cache_dir
 
         require_dali()
@@ -153,15 +154,26 @@ class DaliLoader:
         self.keys = self._output_keys(transforms)
         deterministic, random = split_chain(base.transform)
         self.plan = augmentation_plan(random)
-        self.cache = ArrayCache(base.data, deterministic, self.keys, Path(cache_dir or default_cache_dir()) / "dali",
+        # a slice sampler first (2-D training from volumes): cut on the host, the rest runs on 2-D images
+        self.slicer = self.plan[0] if self.plan and isinstance(self.plan[0], SliceSample) else None
+        array_keys = self.keys
+        if self.slicer is not None:
+            array_keys = tuple(k for k in self.keys if k != self.slicer.index_key)
+            array_keys += (self.slicer.brain_key,) if self.slicer.brain_key not in array_keys else ()
+        self.cache = ArrayCache(base.data, deterministic, array_keys, Path(cache_dir or default_cache_dir()) / "dali",
                                 tag=tag or ",".join(type(t).__name__ for t in deterministic), progress=progress)
         self.cache.build()
+        self._eligible: dict[int, Any] = {}
         sampler = dataloader.sampler
         self.seed, self.batch_size, self.drop_last = int(sampler.seed), int(dataloader.batch_size), bool(sampler.drop_last)
         self.sampler = ResumableSampler(range(len(self.cache)), shuffle=sampler.shuffle, seed=self.seed,
                                         drop_last=self.drop_last, num_replicas=sampler.num_replicas,
                                         rank=sampler.rank, with_epoch=True)
-        self.augment = DaliAugmenter(self.keys, self.plan, self.batch_size, device, num_threads, self.seed)
+        per_item = self.slicer.num_samples if self.slicer else 1
+        self.image_keys = tuple(k for k in self.keys if not (self.slicer and k == self.slicer.index_key))
+        self.pipeline_plan = self.plan[1:] if self.slicer else self.plan  # what DALI runs
+        self.augment = DaliAugmenter(self.image_keys, self.pipeline_plan, self.batch_size * per_item, device, num_threads,
+                                     self.seed, spatial_dims=2 if self.slicer else 3)
 
     @staticmethod
     def _output_keys(transforms) -> tuple:
@@ -183,14 +195,42 @@ class DaliLoader:
             chunk = order[start:start + self.batch_size]
             if self.drop_last and len(chunk) < self.batch_size:
                 return
-            arrays = [{k: self.cache.load(i, k) for k in self.keys} for i, _ in chunk]
-            params = [self._draw(i, epoch) for i, epoch in chunk]
-            yield self.augment(arrays, params)
+            arrays, params, slices = [], [], []
+            for index, epoch in chunk:
+                for j, (sample, z) in enumerate(self._samples(index, epoch)):
+                    arrays.append(sample)
+                    params.append(self._draw(index, epoch, j, {k: v.shape for k, v in sample.items()}))
+                    slices.append(z)
+            batch = self.augment(arrays, params)
+            if self.slicer is not None:
+                batch[self.slicer.index_key] = torch.tensor(slices)
+            yield batch
 
-    def _draw(self, index: int, epoch: int) -> list:
+    def _samples(self, index: int, epoch: int) -> list:
+        """[(arrays entering the pipeline, slice index or None)] of one item: the volume, or its drawn slices."""
+        import numpy as np
+
+        from common.io import DataError
+
+        volumes = {k: self.cache.load(index, k) for k in self.cache.keys}
+        if self.slicer is None:
+            return [({k: volumes[k] for k in self.image_keys}, None)]
+        if index not in self._eligible:
+            self._eligible[index] = self.slicer.eligible(volumes[self.slicer.brain_key])
+        eligible = self._eligible[index]
+        if eligible.size == 0:
+            case = self.cache.items[index].get("id", index)
+            raise DataError(f"case {case}", f"no slice has >= {self.slicer.min_fraction:.0%} brain; "
+                                            "fix: check the sources")
+        picks = self.slicer.picks(eligible, np.random.default_rng([sample_seed(self.seed, epoch, index), 1]))
+        axis = self.slicer.axis + 1
+        return [({k: np.ascontiguousarray(volumes[k].take(int(z), axis=axis)) for k in self.image_keys}, int(z))
+                for z in picks]
+
+    def _draw(self, index: int, epoch: int, sample: int, shapes) -> list:
         from common.data.dali import draw
 
-        return draw(self.plan, sample_seed(self.seed, epoch, index), self.cache.shapes[index])
+        return draw(self.pipeline_plan, [sample_seed(self.seed, epoch, index), 0, sample], shapes)
 
 
 def training_loader(loader: str, dataloader, cache_dir: str | None = None, device: Any = "cpu", tag: str = ""):
