@@ -287,3 +287,29 @@ def test_loader_benchmark_suite_times_monai_and_dali_side_by_side(tmp_path, one_
     for r in rows:
         assert "failed" not in r, r
         assert r["samples_per_epoch"] == 3 and r["samples_per_second"] > 0
+
+
+def test_two_processes_get_disjoint_shards_that_cover_the_epoch(tmp_path):
+    """Under torchrun each rank's DaliLoader serves its own share of the epoch, as the MONAI sampler does."""
+    from types import SimpleNamespace
+
+    from monai.data import Dataset
+    from monai.transforms import Compose, EnsureTyped, RandFlipd
+
+    from common.engines import DaliLoader, ResumableSampler
+
+    items = [{"image": np.full((1, 4, 4, 4), float(i), np.float32)} for i in range(7)]
+    dataset = Dataset(items, transform=Compose([RandFlipd(["image"], prob=0.5, spatial_axis=0),
+                                                EnsureTyped(keys=["image"])]))
+    seen = {}
+    for rank in (0, 1):
+        monai_like = SimpleNamespace(dataset=dataset, batch_size=2,
+                                     sampler=ResumableSampler(dataset, seed=4, num_replicas=2, rank=rank))
+        loader = DaliLoader(monai_like, cache_dir=str(tmp_path))
+        loader.sampler.set_epoch(2)
+        seen[rank] = [int(v) for batch in loader for v in batch["image"].flatten(1)[:, 0].tolist()]
+        reference = ResumableSampler(dataset, seed=4, num_replicas=2, rank=rank, with_epoch=True)
+        reference.set_epoch(2)
+        assert seen[rank] == [i for i, _ in reference]  # the MONAI sampler's order for this rank
+    assert len(seen[0]) == len(seen[1]) == 4  # 7 cases padded to 8, as DistributedSampler does
+    assert set(seen[0]) | set(seen[1]) == set(range(7))
