@@ -76,13 +76,13 @@ def test_training_and_validation_chains_share_the_deterministic_steps():
     assert train[4].prob > 0 and type(train[5]).__name__ == "RandFlipd"
 
 
-def test_rank_gated_handlers_are_disabled_off_the_main_process():
+def test_rank_gated_handlers_are_disabled_off_the_main_process(tmp_path):
     from common.bundle import bundle_config
 
     files = ["inference.json", "train_autoencoder.json", "demo.json"]
     names = lambda handlers: [type(h).__name__ for h in handlers]  # noqa: E731
-    main = bundle_config("brats_mri_ldm3d", files)
-    other = bundle_config("brats_mri_ldm3d", files, log_on_this_rank=False)
+    main = bundle_config("brats_mri_ldm3d", files, output_dir=str(tmp_path))  # TensorBoard writers: not in the bundle
+    other = bundle_config("brats_mri_ldm3d", files, log_on_this_rank=False, output_dir=str(tmp_path))
     for key in ("train#handlers", "validate#handlers"):
         assert len(names(other.get_parsed_content(key, instantiate=True))) < len(
             names(main.get_parsed_content(key, instantiate=True)))

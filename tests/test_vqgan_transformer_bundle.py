@@ -35,9 +35,12 @@ def _bundle_cmd(args, timeout=900, runner=None, check=True):
 
 
 def _parser(*files, **overrides):
+    """The bundle's configs; handlers made from it write TensorBoard files to a temporary folder, not the bundle."""
+    import tempfile
+
     from common.bundle import bundle_config
 
-    return bundle_config(NAME, list(files), **overrides)
+    return bundle_config(NAME, list(files), **{"output_dir": tempfile.mkdtemp(prefix="vqgan-test-"), **overrides})
 
 
 # ------------------------------------------------------------------ networks and configs
