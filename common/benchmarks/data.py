@@ -145,32 +145,37 @@ def loader(ctx: BenchmarkContext) -> dict:
 
     cases = int(ctx.overrides.get("phantom_cases", 8))
     results, notes = [], []
+    monai_variants = [("MONAI, 0 workers", {"loader": "monai", "num_workers": 0})]
+    if ctx.workers > 1:
+        monai_variants.append((f"MONAI, {ctx.workers} workers", {"loader": "monai", "num_workers": ctx.workers}))
+    dali_variant = (f"DALI ({ctx.device.type})", {"loader": "dali"})
+    # every forking (worker) variant before the first DALI pipeline: a process forked while DALI's threads run
+    # can deadlock
+    runs = [(b, v) for b in LOADER_BUNDLES for v in monai_variants] + [(b, dali_variant) for b in LOADER_BUNDLES]
     with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
-        for name, bundle, files in LOADER_BUNDLES:
+        for (name, bundle, files), (variant, extra) in runs:
             configs = files + (["demo.json"] if ctx.size == "demo" else [])
             base = {"cache_dir": str(Path(tmp) / "cache"), "phantom_cases": cases,
                     "device": f"$torch.device('{ctx.device}')",
                     **{k: v for k, v in ctx.overrides.items() if k not in ("phantom_cases",)}}
-            variants = [("MONAI, 0 workers", {"loader": "monai", "num_workers": 0}),
-                        (f"MONAI, {ctx.workers} workers", {"loader": "monai", "num_workers": ctx.workers}),
-                        (f"DALI ({ctx.device.type})", {"loader": "dali"})]
-            for variant, extra in variants:
-                ctx.log(f"loader: {name}: {variant}")
-                try:
-                    train_loader = bundle_config(bundle, configs, **base, **extra).get_parsed_content("train#loader")
-                    n = len(train_loader.sampler)
+            ctx.log(f"loader: {name}: {variant}")
+            try:
+                train_loader = bundle_config(bundle, configs, **base, **extra).get_parsed_content("train#loader")
+                n = len(train_loader.sampler)
 
-                    def epoch(train_loader=train_loader):
-                        for batch in train_loader:
-                            batch["image"].sum().item()  # the batch is really there (device sync)
+                def epoch(train_loader=train_loader):
+                    for batch in train_loader:
+                        batch["image"].sum().item()  # the batch is really there (device sync)
 
-                    times = [t / n for t in time_calls(epoch, ctx.repeats, ctx.warmup, ctx.device)]
-                    results.append(result(name, variant, times, "s/sample", samples_per_epoch=n,
-                                          samples_per_second=round(1 / stats(times)["median"], 1)))
-                except Exception as exc:  # e.g. DALI absent: recorded, the suite goes on
-                    from common.benchmarks.runner import failed
+                times = [t / n for t in time_calls(epoch, ctx.repeats, ctx.warmup, ctx.device)]
+                results.append(result(name, variant, times, "s/sample", samples_per_epoch=n,
+                                      samples_per_second=round(1 / stats(times)["median"], 1)))
+            except Exception as exc:  # e.g. DALI absent: recorded, the suite goes on
+                from common.benchmarks.runner import failed
 
-                    results.append(failed(name, variant, exc))
+                results.append(failed(name, variant, exc))
+    order = {name: i for i, (name, _, _) in enumerate(LOADER_BUNDLES)}
+    results.sort(key=lambda r: order[r["group"]])  # grouped by bundle for the table (stable: variant order kept)
     notes.append(f"{cases} phantom cases per bundle ({ctx.size} configs), the training split (3/4 of them); "
                  "the bundle's own chain and augmentations; compare samples/s with the bundle's *_train suite "
                  "(samples per training step / seconds per step) to see whether the loader keeps up")

@@ -136,7 +136,8 @@ class DaliLoader:
     The deterministic chain runs once per case into an array cache (``common.data.dali.ArrayCache``); the
     random augmentations run in a DALI pipeline on ``device`` with parameters drawn from
     ``sample_seed(seed, epoch, index)``. ``sampler`` is a :class:`ResumableSampler`, so the trainers position a
-    resumed run exactly as with the MONAI loader.
+    resumed run exactly as with the MONAI loader. Do not fork DataLoader workers in a process once a DALI
+    pipeline runs (a forked copy of its threads can deadlock): the bundles' validation loaders use no workers.
     """
 
     def __init__(self, dataloader, cache_dir: str | None = None, device: Any = "cpu", num_threads: int = 2,
