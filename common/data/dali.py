@@ -165,12 +165,31 @@ def _window(size: Sequence[int], target: Sequence[int]) -> list[int]:
     return [(n // 2 - t // 2) if n > t else -((t - n) // 2) for n, t in zip(size, target)]
 
 
+def chain_signature(transform, depth: int = 0):
+    """A transform's type and its plain settings (numbers, strings, their sequences, nested transforms' settings),
+    for the cache fingerprint."""
+    plain = (str, int, float, bool, type(None))
+
+    def value(v, d):
+        if isinstance(v, plain):
+            return v
+        if isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v):
+            return list(v)
+        if d < 2 and hasattr(v, "__dict__") and hasattr(v, "__call__"):
+            return chain_signature(v, d + 1)
+        return None
+
+    settings = {k: value(v, depth) for k, v in sorted(vars(transform).items()) if not k.startswith("_") and k != "R"}
+    return [type(transform).__name__, {k: v for k, v in settings.items() if v is not None}]
+
+
 # ---------------------------------------------------------------------------------------------- array cache
 class ArrayCache:
     """Each case's deterministic chain run once (MONAI), each key stored as ``<folder>/<index>-<key>.npy``.
 
-    The folder name is a fingerprint of the items (paths, sizes, modification times) and of ``tag`` (what
-    defines the chain: say the grid size), so a changed dataset or grid never reuses stale arrays. Arrays are
+    The folder name is a fingerprint of the items (paths, sizes, modification times, in-memory arrays), of the
+    chain's settings (:func:`chain_signature`) and of ``tag``, so a changed dataset or chain never reuses stale
+    arrays. Arrays are
     written atomically; an unreadable cached array is an error naming it.
     """
 
@@ -194,7 +213,8 @@ class ArrayCache:
 
         record = [{k: stat(v) for k, v in sorted(it.items()) if isinstance(v, (str, int, float)) or hasattr(v, "shape")}
                   for it in self.items]
-        return hashlib.sha1(json.dumps([record, tag, self.keys], default=str).encode()).hexdigest()[:16]
+        chain = [chain_signature(t) for t in self.chain]  # a changed chain (scheme, grid, scaling) re-caches
+        return hashlib.sha1(json.dumps([record, chain, tag, self.keys], default=str).encode()).hexdigest()[:16]
 
     def path(self, index: int, key: str) -> Path:
         return self.folder / f"{index:05d}-{key}.npy"
