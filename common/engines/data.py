@@ -162,7 +162,7 @@ class DaliLoader:
             array_keys = tuple(k for k in self.keys if k != self.slicer.index_key)
             array_keys += (self.slicer.brain_key,) if self.slicer.brain_key not in array_keys else ()
         self.cache = ArrayCache(base.data, deterministic, array_keys, Path(cache_dir or default_cache_dir()) / "dali",
-                                tag=tag or ",".join(type(t).__name__ for t in deterministic), progress=progress)
+                                tag=tag, progress=progress)
         self.cache.build()
         self._eligible: dict[int, Any] = {}
         sampler = dataloader.sampler
