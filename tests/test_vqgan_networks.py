@@ -143,3 +143,23 @@ def test_stage1_trains_with_the_shared_adversarial_trainer(one_torch_thread):
     assert logged[-1]["g_adv"] != 0 and logged[-1]["d_loss"] > 0  # the adversarial term is on after warm-up
     assert 0 < trainer.state.metrics["codebook_usage"] <= 1 and trainer.state.metrics["codebook_perplexity"] >= 1
     assert len(health.history) == 6
+
+
+def test_class_on_every_token_adds_the_condition_to_each_input_without_new_weights(one_torch_thread):
+    """The option changes what the network computes, not its weights: the same state dict loads into both, and
+    with the option the first block's input at every token position carries the class embedding."""
+    torch.manual_seed(0)
+    plain = build_transformer(16, (2, 2, 2), hidden_size=16, num_layers=1, num_heads=2, dropout=0.0).eval()
+    every = build_transformer(16, (2, 2, 2), hidden_size=16, num_layers=1, num_heads=2, dropout=0.0,
+                              class_on_every_token=True).eval()
+    every.load_state_dict(plain.state_dict())  # strict: no new parameters
+    tokens, labels = torch.randint(0, 16, (2, 8)), torch.tensor([0, 1])
+    seen = {}
+    for name, net in (("plain", plain), ("every", every)):
+        net.blocks[0].register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].detach()))
+        net(tokens, labels)
+    added = seen["every"][:, 1:] - seen["plain"][:, 1:]
+    expected = plain.class_embedding(labels)[:, None].expand_as(added).detach()
+    assert torch.allclose(added, expected, atol=1e-6)
+    assert torch.equal(seen["every"][:, 0], seen["plain"][:, 0])  # the prepended class token itself is unchanged
+    assert not torch.allclose(plain(tokens, labels), every(tokens, labels))

@@ -178,6 +178,9 @@ class MaskedTokenTransformer(nn.Module):
     classifier-free guidance) is prepended; learned position embeddings; pre-norm MONAI ``TransformerBlock`` s
     with ``use_flash_attention`` (``F.scaled_dot_product_attention``: flash / memory-efficient kernels on
     CUDA). Output: logits over the codebook for every grid token, ``[B, N, num_embeddings]``.
+
+    ``class_on_every_token`` also adds the class embedding to every token's input (no new parameters): a small
+    transformer trained on few ROIs learns to ignore a condition it can reach only through attention.
     """
 
     def __init__(
@@ -190,8 +193,10 @@ class MaskedTokenTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int = len(CLASSES),
         dropout: float = 0.1,
+        class_on_every_token: bool = False,
     ):
         super().__init__()
+        self.class_on_every_token = bool(class_on_every_token)
         self.num_embeddings = int(num_embeddings)
         self.grid_size = tuple(int(g) for g in grid_size)
         self.num_tokens = int(math.prod(self.grid_size))
@@ -229,7 +234,11 @@ class MaskedTokenTransformer(nn.Module):
         if drop_condition is not None:
             labels = torch.where(torch.as_tensor(drop_condition, device=tokens.device).bool(),
                                  torch.full_like(labels, self.null_class), labels)
-        x = torch.cat([self.class_embedding(labels)[:, None], self.token_embedding(tokens)], dim=1)
+        cls = self.class_embedding(labels)[:, None]
+        embedded = self.token_embedding(tokens)
+        if self.class_on_every_token:  # a direct path for the condition, not only through attention
+            embedded = embedded + cls
+        x = torch.cat([cls, embedded], dim=1)
         x = self.dropout(x + self.position_embedding)
         for block in self.blocks:
             x = block(x)
@@ -238,7 +247,7 @@ class MaskedTokenTransformer(nn.Module):
 
 def build_transformer(num_embeddings: int = 1024, grid_size: Sequence[int] = (8, 8, 8), hidden_size: int = 1024,
                       num_layers: int = 24, num_heads: int = 16, mlp_ratio: float = 4.0, dropout: float = 0.1,
-                      num_classes: int = len(CLASSES)) -> MaskedTokenTransformer:
+                      num_classes: int = len(CLASSES), class_on_every_token: bool = False) -> MaskedTokenTransformer:
     """Paper size by default (24 layers, 16 heads, 1024-d over an 8^3 grid of a 1024-entry codebook)."""
     return MaskedTokenTransformer(num_embeddings, grid_size, hidden_size, num_layers, num_heads, mlp_ratio,
-                                  num_classes, dropout)
+                                  num_classes, dropout, class_on_every_token)
