@@ -581,3 +581,40 @@ def test_validation_images_put_real_above_generated_per_channel(tmp_path):
     assert picture[0, :3, 4:].max() == 1 and picture[0, 0, 4] == 0
     batched = handler.picture({"label": real[None], "pred": generated[None]})
     torch.testing.assert_close(batched, picture)
+
+
+def _pix2pix_with_linear_decay(epochs, ckpt_dir=None, lr=1e-3, total=16):
+    from common.engines import FullStateCheckpointer, LinearDecayLR
+
+    torch.manual_seed(0)
+    gen = TinyTranslator()
+    disc = PatchDiscriminator(spatial_dims=2, num_layers_d=2, channels=8, in_channels=2, out_channels=1)
+    handlers = [LinearDecayLR(total, decay_start=0.5)]
+    if ckpt_dir is not None:
+        handlers.insert(0, FullStateCheckpointer(ckpt_dir))
+    data = make_dataloader(translation_slices(), batch_size=4, seed=0)  # 2 iterations an epoch
+    trainer = AdversarialTrainer("cpu", epochs, data, gen, torch.optim.Adam(gen.parameters(), lr), {"l1": L1(10.0)},
+                                 disc, torch.optim.Adam(disc.parameters(), lr / 2), input_key="t2w", target_key="t2f",
+                                 condition_key="t2w", train_handlers=handlers)
+    lrs = record(trainer, lambda e: (e.optimizer.param_groups[0]["lr"], e.d_optimizer.param_groups[0]["lr"]))
+    return trainer, lrs
+
+
+def test_linear_decay_is_pix2pix_policy_for_both_optimizers_and_survives_a_resume(tmp_path):
+    """Constant for the first half, then linearly to 0 at the last iteration, for G and D alike; a run stopped
+    after 6 of 16 iterations and resumed from its checkpoint sees the same rates as one uninterrupted run."""
+    trainer, lrs = _pix2pix_with_linear_decay(8)
+    trainer.run()
+    expected = [1e-3 * (1.0 if i <= 8 else 1.0 - (i - 8) / 8) for i in range(16)]  # i iterations completed before
+    assert [g for g, _ in lrs] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert [d for _, d in lrs] == pytest.approx([v / 2 for v in expected], rel=1e-9, abs=1e-15)
+    assert lrs[-1][0] == pytest.approx(1e-3 / 8) and lrs[7][0] == lrs[0][0]
+
+    first, _ = _pix2pix_with_linear_decay(3, tmp_path)
+    first.run()
+    resumed, lrs_resumed = _pix2pix_with_linear_decay(8, tmp_path)
+    resumed.run()
+    assert len(lrs_resumed) == 10 and [g for g, _ in lrs_resumed] == pytest.approx(expected[6:], rel=1e-9, abs=1e-15)
+    with pytest.raises(ValueError, match="decay_start"):
+        from common.engines import LinearDecayLR
+        LinearDecayLR(10, decay_start=1.5)
