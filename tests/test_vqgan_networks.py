@@ -163,3 +163,10 @@ def test_class_on_every_token_adds_the_condition_to_each_input_without_new_weigh
     assert torch.allclose(added, expected, atol=1e-6)
     assert torch.equal(seen["every"][:, 0], seen["plain"][:, 0])  # the prepended class token itself is unchanged
     assert not torch.allclose(plain(tokens, labels), every(tokens, labels))
+    # the value as the bundle CLI passes it (text): "false" must not switch it on
+    assert build_transformer(16, (2, 2, 2), hidden_size=16, num_layers=1, num_heads=2,
+                             class_on_every_token="false").class_on_every_token is False
+    assert build_transformer(16, (2, 2, 2), hidden_size=16, num_layers=1, num_heads=2,
+                             class_on_every_token="true").class_on_every_token is True
+    with pytest.raises(ValueError, match="class_on_every_token"):
+        build_transformer(16, (2, 2, 2), hidden_size=16, num_layers=1, num_heads=2, class_on_every_token="yes please")
