@@ -18,7 +18,6 @@ Around them:
   trained as, beside them), :func:`load_weights`;
 * :mod:`common.engines.data` -- :func:`make_dataloader` / :class:`ResumableSampler`; :func:`training_loader` (the
   ``loader`` switch: that loader as is, or :class:`DaliLoader`, the same data served by NVIDIA DALI);
-* :mod:`common.engines.schedules` -- :class:`LinearDecayLR` (pix2pix's constant-then-linear learning rate);
 * :mod:`common.engines.distributed` -- ``setup()``, ``wrap_model()``, ``is_main_process()`` for torchrun;
 * :mod:`common.engines.validation` -- seeded evaluators, prepare-batch, inferers and metric handlers.
 
@@ -32,7 +31,6 @@ from common.engines.base import EngineOutput, GenerativeTrainer
 from common.engines.checkpoint import FullStateCheckpointer, WeightsCard, WeightsExporter, load_weights, write_card
 from common.engines.data import DaliLoader, ResumableSampler, make_dataloader, training_loader
 from common.engines.diffusion import DiffusionTrainer, diffusion_target
-from common.engines.schedules import LinearDecayLR
 
 __all__ = [
     "AdversarialTrainer",
@@ -50,5 +48,4 @@ __all__ = [
     "training_loader",
     "DaliLoader",
     "diffusion_target",
-    "LinearDecayLR",
 ]
