@@ -59,6 +59,25 @@ def check_flag(flag: str, ok: bool, problem: str) -> None:
         raise DataError(f"--{flag.lstrip('-')}", problem)
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def text_bool(value: Any) -> bool | None:
+    """``value`` as a bool if it is one or spells one, else None: the bundle CLI (fire) passes ``--x false`` as the
+    text "false", which Python reads as true."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    return True if text in _TRUE else False if text in _FALSE else None
+
+
+def check_bool(flag: str, value: Any) -> bool:
+    """``value`` as a bool (see :func:`text_bool`), else a refusal naming the flag."""
+    parsed = text_bool(value)
+    check_flag(flag, parsed is not None, f"must be true or false, got {value!r}")
+    return parsed
+
+
 def check_choice(flag: str, value: Any, choices: Iterable[Any]) -> Any:
     """``value`` if it is one of ``choices``, else a refusal naming the flag and the choices."""
     choices = tuple(choices)

@@ -234,6 +234,17 @@ def test_a_user_mistake_through_monai_bundle_run_is_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ training
+def test_learning_rate_follows_pix2pix_constant_then_linear_to_zero():
+    parser = _parser("inference.json", "train.json")
+    parser["max_iterations"] = 100
+    factor = parser.get_parsed_content("lr_factor")
+    assert [factor(it) for it in (0, 25, 50, 75, 100)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+    parser = _parser("inference.json", "train.json")
+    parser.update({"max_iterations": 100, "lr_decay_from": 1.0})
+    factor = parser.get_parsed_content("lr_factor")
+    assert [factor(it) for it in (0, 50, 99)] == [1.0, 1.0, 1.0]  # constant: no decay
+
+
 TINY = ["--phantom_shape", "[48,48,32]", "--phantom_cases", "4", "--spatial_size", "[48,48]", "--batch_size", "2",
         "--val_batch", "32"]
 
@@ -262,7 +273,11 @@ def test_training_through_monai_bundle_run_on_one_and_two_processes(tmp_path):
     gen, info = load_generator(tmp_path / "models" / "model_t1c_t1n.pt")
     assert info["sources"] == ["t1c"] and info["target"] == "t1n" and info["spatial_size"] == [48, 48]
     assert info["generator_config"]["base_channels"] == 16
-    assert (tmp_path / "runs" / "model_t1c_t1n" / "latest.pt").exists()  # full state for an exact resume
+    # full state for an exact resume, the learning-rate schedules in it: at max_iterations pix2pix's decay is at 0
+    state = torch.load(tmp_path / "runs" / "model_t1c_t1n" / "latest.pt", weights_only=True)["objects"]
+    for schedule, optimizer in (("lr_generator", "optimizer"), ("lr_discriminator", "d_optimizer")):
+        assert state[schedule]["last_epoch"] == 6 and state[schedule]["base_lrs"] == [1e-3]
+        assert [group["lr"] for group in state[optimizer]["param_groups"]] == [0.0]
     # two processes (gloo): 2 training cases per process, batch 2 -> 1 iteration an epoch, logged by rank 0
     multi = files + ",'configs/multi_gpu_train.json']"
     proc = _bundle_cmd(["--nproc_per_node=2", "-m", "monai.bundle", "run", "training", "--config_file", multi, *common,

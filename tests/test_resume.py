@@ -235,3 +235,19 @@ def test_a_weights_card_that_disagrees_with_the_config_is_refused_by_name(tmp_pa
     torch_save(net.state_dict(), tmp_path / "other.pt")
     (tmp_path / "other.json").unlink()
     load_weights(CondNet(), tmp_path / "other.pt", expect={"contrasts": ["t1c"]})  # no card: shapes decide
+
+
+def test_resume_as_the_bundle_cli_passes_it_text_false_starts_over(tmp_path):
+    """``--resume false`` reaches the config as the text "false": it must start over, not look for a file."""
+    trainer, _ = build_autoencoder(0, tmp_path)
+    trainer.run()
+    assert (tmp_path / "latest.pt").exists()
+    for text, first_iteration in (("false", 1), ("False", 1), ("true", 10), ("1", 10)):
+        again, _ = build_autoencoder(0, None)
+        checkpointer = FullStateCheckpointer(tmp_path, resume=text)
+        checkpointer.attach(again)
+        seen = []
+        again.add_event_handler(Events.ITERATION_STARTED, lambda e: seen.append(e.state.iteration))
+        again.run()
+        assert (seen[:1] or [10]) == [first_iteration], text
+        assert checkpointer.loaded_from == (None if first_iteration == 1 else tmp_path / "latest.pt")

@@ -32,7 +32,7 @@ from ignite.engine import Engine, Events
 import ignite.distributed as idist
 
 from common.engines.distributed import all_gather_object, unwrap
-from common.io import torch_load, torch_save
+from common.io import text_bool, torch_load, torch_save
 
 __all__ = [
     "FullStateCheckpointer",
@@ -205,7 +205,8 @@ class FullStateCheckpointer:
             raise ValueError(f"save_interval_iterations must be >= 0, got {save_interval_iterations}")
         self.save_dir = Path(save_dir)
         self.save_interval_iterations = int(save_interval_iterations)
-        self.resume = resume
+        flag = text_bool(resume) if resume is not None else False  # --resume false arrives as text
+        self.resume = flag if flag is not None else resume
         self.extra_objects = dict(objects or {})
         self.filename = filename
         self.save_epoch_copies = save_epoch_copies

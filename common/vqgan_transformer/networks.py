@@ -17,6 +17,8 @@ import torch.nn as nn
 from monai.networks.blocks import TransformerBlock
 from monai.networks.nets import VQVAE, PatchDiscriminator
 
+from common.io import check_bool
+
 __all__ = [
     "CLASSES",
     "build_vqgan",
@@ -196,10 +198,7 @@ class MaskedTokenTransformer(nn.Module):
         class_on_every_token: bool = False,
     ):
         super().__init__()
-        flag = str(class_on_every_token).strip().lower()  # the bundle CLI passes --class_on_every_token false as text
-        if flag not in ("true", "false", "1", "0"):
-            raise ValueError(f"class_on_every_token must be true or false, got {class_on_every_token!r}")
-        self.class_on_every_token = flag in ("true", "1")
+        self.class_on_every_token = check_bool("class_on_every_token", class_on_every_token)
         self.num_embeddings = int(num_embeddings)
         self.grid_size = tuple(int(g) for g in grid_size)
         self.num_tokens = int(math.prod(self.grid_size))
