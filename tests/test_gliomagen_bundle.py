@@ -62,6 +62,12 @@ def test_configs_have_model_zoo_ids_med_ddpm_defaults_and_are_written_once():
     assert infer["sampler"] == "ddpm" and infer["num_inference_steps"] == 1000  # as the paper samples
     text = json.loads((BUNDLE / "configs" / "train.json").read_text())
     assert not {"network_def", "unet_def", "prepare_transforms"} & set(text)
+    # one prediction_type id drives the training target, the sampler and the weights card
+    assert train["prediction_type"] == "epsilon"  # Med-DDPM: the noise
+    v = _parser("inference.json", "train.json", prediction_type="v_prediction", sampler="ddim")
+    assert v.get_parsed_content("noise_scheduler").prediction_type == "v_prediction"
+    assert v.get_parsed_content("scheduler").prediction_type == "v_prediction"
+    assert v.get_parsed_content("network_card")["prediction_type"] == "v_prediction"
 
 
 def test_the_chain_gives_six_label_masks_in_the_head_and_images_in_0_1(phantom_root, tmp_path):

@@ -233,7 +233,8 @@ def sample(ctx: BenchmarkContext) -> dict:
 
     def sampler_for(kind: str, steps: int):
         sched = make_scheduler(kind, steps if kind == "ddpm" else p("num_train_timesteps"), p("beta_schedule"),
-                               clip_sample=p("clip_sample"), clip_range=p("clip_range"))
+                               prediction_type=p("prediction_type"), clip_sample=p("clip_sample"),
+                               clip_range=p("clip_range"))
         return DiffusionSampler(sched, num_inference_steps=steps, guidance_scale=guidance, progress=False)
 
     results, extrapolated = sampling_rows(ctx, network, mask, sampler_for)
@@ -278,8 +279,8 @@ def quality(ctx: BenchmarkContext) -> dict:
         real = [({c: load_nifti(case[c])[0] for c in contrasts}, load_nifti(case["label"])[0]) for case in cases]
     results = []
     for kind, steps in ctx.samplers:
-        sched = make_scheduler(kind, p("num_train_timesteps"), p("beta_schedule"), clip_sample=p("clip_sample"),
-                               clip_range=p("clip_range"))
+        sched = make_scheduler(kind, p("num_train_timesteps"), p("beta_schedule"), prediction_type=p("prediction_type"),
+                               clip_sample=p("clip_sample"), clip_range=p("clip_range"))
         sampler = DiffusionSampler(sched, num_inference_steps=steps, seed=0, progress=False)
         ctx.log(f"gliomagen_quality: {kind} {steps} steps on {len(real)} masks")
         times, errors, scores = [], [], []
