@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from common.engines.checkpoint import WeightsExporter
-from common.io import DataError, check_output
+from common.io import DataError, check_bool, check_output
 
 
 def required(value: Any, flag: str, what: str) -> Any:
@@ -155,8 +155,9 @@ class ImputationRun:
             check_output(self.output, "dir", flag="output_dir")
         if self.batch < 1:
             raise DataError("--batch", f"must be >= 1, got {batch}")
-        self.overwrite, self.skip_existing, self.spatial_size = bool(overwrite), bool(skip_existing), spatial_size
-        self.load_path, self.amp, self.progress = load_path, amp, progress
+        self.overwrite, self.skip_existing = check_bool("overwrite", overwrite), check_bool("skip_existing", skip_existing)
+        self.spatial_size, self.load_path, self.amp = spatial_size, load_path, amp
+        self.progress = check_bool("progress", progress)
 
     def _model_name(self) -> str | None:
         if not self.load_path or not Path(self.load_path).is_file():

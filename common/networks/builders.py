@@ -9,6 +9,8 @@ import torch
 
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
+from common.io import check_bool
+
 __all__ = ["one_hot_labels", "build_autoencoder", "build_unet", "checkpoint_blocks"]
 
 
@@ -44,7 +46,7 @@ def build_autoencoder(
         attention_levels=(False,) * len(channels),
         with_encoder_nonlocal_attn=attention,
         with_decoder_nonlocal_attn=attention,
-        use_checkpoint=use_checkpoint,
+        use_checkpoint=check_bool("use_checkpoint", use_checkpoint),
     )
 
 
@@ -81,7 +83,7 @@ def build_unet(
         norm_num_groups=norm_num_groups,
         use_flash_attention=use_flash_attention,
     )
-    return checkpoint_blocks(unet) if gradient_checkpointing else unet
+    return checkpoint_blocks(unet) if check_bool("gradient_checkpointing", gradient_checkpointing) else unet
 
 
 def checkpoint_blocks(unet: DiffusionModelUNet) -> DiffusionModelUNet:

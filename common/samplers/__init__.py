@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
-from common.io import DataError
+from common.io import DataError, check_bool
 
 __all__ = ["SAMPLERS", "DiffusionSampler", "make_scheduler"]
 
@@ -44,7 +44,7 @@ def make_scheduler(
         cls = DDPMScheduler if name == "ddpm" else DDIMScheduler
         kwargs = {} if schedule == "cosine" else {"beta_start": beta_start, "beta_end": beta_end}
         lo, hi = (float(v) for v in clip_range)
-        return cls(num_train_timesteps, schedule, clip_sample=clip_sample, prediction_type=prediction_type,
+        return cls(num_train_timesteps, schedule, clip_sample=check_bool("clip_sample", clip_sample), prediction_type=prediction_type,
                    clip_sample_min=lo, clip_sample_max=hi, **kwargs)
     if name == "rflow":
         return RFlowScheduler(num_train_timesteps, use_discrete_timesteps=True)

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from common.io import DataError, check_output, save_json
+from common.io import DataError, check_bool, check_output, save_json
 from common.vqgan_transformer.networks import CLASSES
 from common.vqgan_transformer.sampling import METHODS, generate_rois, parse_classes, save_rois
 
@@ -230,7 +230,7 @@ def evaluate_generated(real_datalist, generated: Mapping[str, str] | str, output
         synthetic = {c: v for c, v in synthetic.items() if v}
         row = {"folder": str(folder), "quality": per_class_quality(real, synthetic, seed=seed),
                "class_adherence": class_adherence(rois, labels, gen, requested, seed=seed)}
-        if downstream:
+        if check_bool("downstream", downstream):
             row["downstream"] = downstream_classification(
                 rois, labels, gen, requested, folds=folds, real_train_fraction=real_train_fraction,
                 pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs, channels=classifier_channels,

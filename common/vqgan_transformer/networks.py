@@ -61,7 +61,7 @@ def build_vqgan(
         commitment_cost=commitment_cost,
         decay=decay,
         ddp_sync=ddp_sync,
-        use_checkpointing=use_checkpointing,
+        use_checkpointing=check_bool("gradient_checkpointing", use_checkpointing),
     )
 
 

@@ -16,7 +16,7 @@ import torch
 from monai.transforms import Compose, MapTransform
 
 from common.data.transforms import LoadCanonicald, TumorROId
-from common.io import DataError
+from common.io import DataError, check_bool
 from common.vqgan_transformer.networks import CLASSES
 
 __all__ = ["GradeLabeld", "roi_transforms", "save_roi_workflow", "save_importance_maps"]
@@ -34,7 +34,7 @@ class GradeLabeld(MapTransform):
         super().__init__([grade_key])
         self.grade_key = grade_key
         self.class_key = class_key
-        self.required = required
+        self.required = check_bool("require_grade", required)
         self.missing_value = int(missing_value)
 
     def __call__(self, data: Mapping) -> dict:
