@@ -361,9 +361,6 @@ def test_demo_t2_flair_model_beats_the_input_and_the_mask_loss_effect_is_measure
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured: the T1c -> T1 demo model (32 filters, 2400 iterations) scores SSIM "
-                   "0.900 on the 4 held-out phantoms, below the T1c input's 0.908 (0.901 vs 0.885 on the 8 "
-                   "validation phantoms; 0.906 vs 0.900 on training cases: under-trained); see docs/README.md")
 def test_demo_t1_model_beats_the_input(held_out, one_torch_thread):
     t1n = _score("model_t1c_t1n.pt", ["t1c"], "t1n", held_out)
     print(_summary_line("t1c -> t1n", t1n))
