@@ -178,8 +178,10 @@ def test_training_through_monai_bundle_run_on_one_and_two_processes(tmp_path):
               "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
               "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "runs"),
               "--ckpt_dir", str(tmp_path / "models"), *TINY]
+    # the paper's epsilon target: its L1 falls within 60 tiny iterations; the demo's v target takes longer (its
+    # learning is what test_demo_model_honours_its_mask shows on the committed weights)
     log = _bundle_cmd(["run", "training", *common, "--max_epochs", "30", "--val_interval", "30", "--lr", "3e-3",
-                       *tracking_args(tmp_path / "runs")])
+                       "--prediction_type", "epsilon", *tracking_args(tmp_path / "runs")])
     losses = _losses(log)
     assert len(losses) == 60 and np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
     (run,) = mlflow_runs(tmp_path / "runs")
