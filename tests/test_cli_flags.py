@@ -63,3 +63,5 @@ def test_network_and_sampler_flags_read_false_as_off():
     assert GradeLabeld(required="false").required is False
     with pytest.raises(DataError, match="--clip_sample"):
         make_scheduler("ddim", clip_sample="sometimes")
+    with pytest.raises(DataError, match="--ae_gradient_checkpointing"):  # the id a user sets, not the argument
+        build_autoencoder(1, 1, channels=(8, 8), num_res_blocks=1, norm_num_groups=4, use_checkpoint="maybe")

@@ -155,7 +155,8 @@ class ImputationRun:
             check_output(self.output, "dir", flag="output_dir")
         if self.batch < 1:
             raise DataError("--batch", f"must be >= 1, got {batch}")
-        self.overwrite, self.skip_existing = check_bool("overwrite", overwrite), check_bool("skip_existing", skip_existing)
+        self.overwrite = check_bool("overwrite", overwrite)
+        self.skip_existing = check_bool("skip_existing", skip_existing)
         self.spatial_size, self.load_path, self.amp = spatial_size, load_path, amp
         self.progress = check_bool("progress", progress)
 

@@ -46,7 +46,7 @@ def build_autoencoder(
         attention_levels=(False,) * len(channels),
         with_encoder_nonlocal_attn=attention,
         with_decoder_nonlocal_attn=attention,
-        use_checkpoint=check_bool("use_checkpoint", use_checkpoint),
+        use_checkpoint=check_bool("ae_gradient_checkpointing", use_checkpoint),  # the bundle id users set
     )
 
 

@@ -44,8 +44,8 @@ def make_scheduler(
         cls = DDPMScheduler if name == "ddpm" else DDIMScheduler
         kwargs = {} if schedule == "cosine" else {"beta_start": beta_start, "beta_end": beta_end}
         lo, hi = (float(v) for v in clip_range)
-        return cls(num_train_timesteps, schedule, clip_sample=check_bool("clip_sample", clip_sample), prediction_type=prediction_type,
-                   clip_sample_min=lo, clip_sample_max=hi, **kwargs)
+        return cls(num_train_timesteps, schedule, clip_sample=check_bool("clip_sample", clip_sample),
+                   prediction_type=prediction_type, clip_sample_min=lo, clip_sample_max=hi, **kwargs)
     if name == "rflow":
         return RFlowScheduler(num_train_timesteps, use_discrete_timesteps=True)
     raise DataError("--sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
