@@ -183,6 +183,11 @@ class MaskedTokenTransformer(nn.Module):
 
     ``class_on_every_token`` also adds the class embedding to every token's input (no new parameters): a small
     transformer trained on few ROIs learns to ignore a condition it can reach only through attention.
+
+    Attention dropout is switched off in eval mode here (:meth:`train`): MONAI's ``SABlock`` passes its
+    ``dropout_rate`` to ``scaled_dot_product_attention`` whatever the mode, and that function always applies it
+    (PyTorch documents it, pytorch/pytorch#124464), so sampling from a model with dropout would be random
+    beyond its seeds and would depend on the other samples of the batch.
     """
 
     def __init__(
@@ -216,7 +221,15 @@ class MaskedTokenTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(hidden_size)
         self.head = nn.Linear(hidden_size, self.num_embeddings)
+        self.attention_dropout = float(dropout)
         self._init_weights()
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for block in self.blocks:
+            block.attn.dropout_rate = self.attention_dropout if mode else 0.0
+        return self
 
     def _init_weights(self) -> None:
         for module in self.modules():
