@@ -235,6 +235,14 @@ def test_a_weights_card_that_disagrees_with_the_config_is_refused_by_name(tmp_pa
     torch_save(net.state_dict(), tmp_path / "other.pt")
     (tmp_path / "other.json").unlink()
     load_weights(CondNet(), tmp_path / "other.pt", expect={"contrasts": ["t1c"]})  # no card: shapes decide
+    # an on/off flag set on the command line reaches the card as text ("--flag true"): recorded as the bool
+    write_card(tmp_path / "flag.pt", {"class_on_every_token": "true", "gradient_checkpointing": "False"})
+    torch_save(net.state_dict(), tmp_path / "flag.pt")
+    assert json.loads((tmp_path / "flag.json").read_text())["class_on_every_token"] is True
+    load_weights(CondNet(), tmp_path / "flag.pt",
+                 expect={"class_on_every_token": True, "gradient_checkpointing": "false"})
+    with pytest.raises(DataError, match="class_on_every_token True \\(config: False\\)"):
+        load_weights(CondNet(), tmp_path / "flag.pt", expect={"class_on_every_token": "false"})
 
 
 def test_resume_as_the_bundle_cli_passes_it_text_false_starts_over(tmp_path):

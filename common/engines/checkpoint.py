@@ -106,18 +106,29 @@ def write_card(weights: str | Path, card: dict) -> Path:
     ``load_weights(..., expect=...)`` compares), written atomically beside it."""
     from common.io import save_json
 
-    return save_json({"weights": Path(weights).name, **card}, card_path(weights))
+    return save_json({"weights": Path(weights).name, **_plain(card)}, card_path(weights))
+
+
+def _plain(value):
+    """JSON-plain ``value`` with an on/off flag given on the command line as text ("true", "False": fire passes
+    ``--x true`` as a string) turned into the bool it spells, so a card says ``true`` whichever way it was set."""
+    import json
+
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    value = json.loads(json.dumps(value, default=str))  # tuples vs lists, numpy scalars
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return value
 
 
 def _flat(card: dict, prefix: str = "") -> dict:
-    import json
-
     out = {}
     for k, v in card.items():
         if isinstance(v, dict):
             out.update(_flat(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = json.loads(json.dumps(v, default=str))  # tuples vs lists, numpy scalars
+            out[f"{prefix}{k}"] = _plain(v)
     return out
 
 
