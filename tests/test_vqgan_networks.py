@@ -10,7 +10,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from common.vqgan_transformer.codebook import CodebookHealth, codebook_stats, restart_codes
+from common.vqgan_transformer.codebook import CodebookHealth, codebook_stats, farthest_first, restart_codes
 from common.vqgan_transformer.networks import (
     ImportanceVQGAN,
     build_discriminator,
@@ -115,6 +115,22 @@ def test_dead_codes_are_restarted_from_encoder_outputs(one_torch_thread):
         CodebookHealth(vqgan, interval=0)
 
 
+def test_restarts_go_to_what_the_codebook_misses():
+    """Constructed case: 90 encoder outputs sit on the one live code (an ROI's constant background), 10 are
+    distinct tumour vectors. Restarting 10 codes takes the 10 tumour vectors; drawn uniformly, about 9 of
+    them would duplicate the background code."""
+    g = torch.Generator().manual_seed(0)
+    background = torch.zeros(1, 8)
+    tumour = torch.randn(10, 8, generator=g) + 3.0
+    encodings = torch.cat([background + 1e-4 * torch.randn(90, 8, generator=g), tumour])
+    encodings = encodings[torch.randperm(100, generator=g)]
+    picked = farthest_first(encodings, background, 10, generator=g)
+    assert sorted(map(tuple, picked.tolist())) == sorted(map(tuple, tumour.tolist()))
+    # no live code at all: the first pick is uniform, the rest still spread out
+    picked = farthest_first(encodings, torch.zeros(0, 8), 11, generator=g)
+    assert torch.cdist(picked, picked).add(torch.eye(11) * 1e9).min() > 1e-2
+
+
 def test_stage1_trains_with_the_shared_adversarial_trainer(one_torch_thread):
     """0.8 L1 + commitment + 0.2 LGG/HGG cross-entropy, hinge adversarial with the adaptive weight and feature
     matching, codebook health attached: the losses fall and the usage metrics are logged."""
@@ -143,6 +159,23 @@ def test_stage1_trains_with_the_shared_adversarial_trainer(one_torch_thread):
     assert logged[-1]["g_adv"] != 0 and logged[-1]["d_loss"] > 0  # the adversarial term is on after warm-up
     assert 0 < trainer.state.metrics["codebook_usage"] <= 1 and trainer.state.metrics["codebook_perplexity"] >= 1
     assert len(health.history) == 6
+
+
+def test_eval_mode_transformer_with_dropout_is_deterministic_and_batch_independent(one_torch_thread):
+    """With dropout (the paper's 0.1) the attention of MONAI's fused SABlock dropped out even in eval mode: the same
+    grid gave other logits on each call and beside other samples. Eval is deterministic; training still drops."""
+    torch.manual_seed(0)
+    net = build_transformer(16, (2, 2, 2), hidden_size=16, num_layers=2, num_heads=2, dropout=0.5)
+    tokens, labels = torch.randint(0, 17, (4, 8)), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        net.eval()
+        batch, again, alone = net(tokens, labels), net(tokens, labels), net(tokens[2:3], labels[2:3])
+        assert torch.equal(batch, again)
+        assert torch.allclose(batch[2], alone[0], atol=1e-5)
+        assert all(block.attn.dropout_rate == 0.0 for block in net.blocks)
+        net.train()
+        assert all(block.attn.dropout_rate == 0.5 for block in net.blocks)
+        assert not torch.allclose(net(tokens, labels), net(tokens, labels))
 
 
 def test_class_on_every_token_adds_the_condition_to_each_input_without_new_weights(one_torch_thread):

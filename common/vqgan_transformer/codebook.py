@@ -8,12 +8,16 @@ writes ``codebook_usage`` (fraction of codes used in the last ``interval`` itera
 ``dead_after`` iterations from the last batch's encoder outputs (the usual fix, e.g. Dhariwal et al. 2020,
 Jukebox). Counts are summed over processes and the replacement vectors come from rank 0, so every rank keeps
 the same codebook.
+
+Which encoder outputs: k-means++ seeding (Arthur & Vassilvitskii 2007), one code at a time, each drawn with
+probability proportional to its squared distance to the nearest live (or just restarted) code. Drawn
+uniformly, about 80 % of the draws land on the ROI's constant background (80 % of the tokens), next to codes
+that already represent it, while the tumour's variety stays short of codes.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 import ignite.distributed as idist
 import torch
@@ -21,7 +25,7 @@ from ignite.engine import Engine, Events
 
 from common.engines.distributed import unwrap
 
-__all__ = ["codebook_stats", "restart_codes", "CodebookHealth"]
+__all__ = ["codebook_stats", "farthest_first", "restart_codes", "CodebookHealth"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,31 @@ def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {"usage": float((counts > 0).double().mean()), "used": int((counts > 0).sum()),
             "perplexity": float(entropy.exp())}
+
+
+@torch.no_grad()
+def farthest_first(encodings: torch.Tensor, codes: torch.Tensor, count: int,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """``count`` rows of ``encodings`` [N, D], k-means++ style: each drawn with probability proportional to its
+    squared distance to the nearest of ``codes`` [M, D] and the rows drawn before it (uniform when every row
+    sits on a code)."""
+    x = encodings.float()
+    if codes.numel():
+        nearest = torch.cdist(x, codes.to(x).float()).pow(2).min(dim=1).values
+    else:
+        nearest = torch.full((x.shape[0],), float("inf"), device=x.device)
+    picks = []
+    for _ in range(int(count)):
+        weights = nearest.clamp_min(0).cpu().double()
+        finite = torch.isfinite(weights)
+        if not bool(finite.all()):
+            weights = (~finite).double()
+        if float(weights.sum()) <= 0:
+            weights = torch.ones_like(weights)
+        i = int(torch.multinomial(weights, 1, generator=generator))
+        picks.append(i)
+        nearest = torch.minimum(nearest, (x - x[i]).pow(2).sum(1))
+    return x[torch.as_tensor(picks, device=x.device)]
 
 
 @torch.no_grad()
@@ -123,9 +152,11 @@ class CodebookHealth:
         dead = torch.nonzero(net.code_age >= self.dead_after).reshape(-1)
         if dead.numel() == 0 or net.last_encodings is None:
             return 0
-        encodings = net.last_encodings
-        pick = torch.randint(0, encodings.shape[0], (dead.numel(),), generator=self.generator)
-        vectors = encodings[pick.to(encodings.device)].float()
+        encodings = net.last_encodings.float()
+        alive = torch.ones(net.num_embeddings, dtype=torch.bool, device=dead.device)
+        alive[dead] = False
+        vectors = farthest_first(encodings, net.quantizer.embedding.weight.detach().float()[alive.to(
+            net.quantizer.embedding.weight.device)], dead.numel(), self.generator)
         scale = vectors.std().clamp_min(1e-6) * self.noise
         vectors = vectors + torch.randn(vectors.shape, generator=self.generator).to(vectors.device) * scale
         if idist.get_world_size() > 1:  # noise included: every rank must set the very same vectors
