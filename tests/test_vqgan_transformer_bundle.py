@@ -225,8 +225,9 @@ def test_both_stages_train_through_monai_bundle_run_and_their_losses_fall(tmp_pa
     assert any(k.startswith("importance_head.") for k in state) and "code_age" in state
 
     stage2 = "['configs/inference.json','configs/train_vqgan.json','configs/train_transformer.json','configs/demo.json']"
+    # no dropout: 6 tiny ROIs and 80 iterations are too few to learn through the demo's 0.1
     log = _bundle_cmd(["run", "training", "--config_file", stage2, *args, "--transformer_max_epochs", "40",
-                       "--val_interval", "20", "--transformer_lr", "3e-3"]).stdout
+                       "--val_interval", "20", "--transformer_lr", "3e-3", "--transformer_dropout", "0.0"]).stdout
     losses = _values(log, "train_loss")
     assert len(losses) == 80 and np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
     assert_tracked(mlflow_runs(tmp_path / "runs")[1], losses, "val_masked_token_ce")
@@ -272,23 +273,46 @@ def test_demo_vqgan_uses_its_codebook(demo_rois, one_torch_thread):
     assert mae < 0.15, mae  # held-out ROIs come back close (values in [-1, 1])
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap: the committed demo transformer does not follow its class yet "
-                   "(statistics classifier on 24 generated ROIs: AUC 0.53, every ROI called HGG; the VQGAN's own "
-                   "reconstructions keep the class, AUC 0.86): see docs/README.md, Limits")
-def test_demo_model_generates_the_requested_class(demo_rois, tmp_path, one_torch_thread):
-    """A classifier trained on real phantom ROIs only recognises the requested class of generated ones clearly
-    above chance (the phantoms' two grades are separable: checked first, on the same real ROIs)."""
+@pytest.fixture(scope="module")
+def demo_generated(tmp_path_factory):
+    """12 LGG and 12 HGG ROIs of the committed demo model, through the bundle's inference workflow (seed 0)."""
     from common.bundle import run_bundle
     from common.vqgan_transformer.bundle import load_generated
+
+    out = tmp_path_factory.mktemp("generated") / "gen"
+    run_bundle(NAME, DEMO, **{"class": "both", "count": 12, "seed": 0, "output_dir": str(out)})
+    return load_generated(out)
+
+
+@pytest.mark.slow
+def test_demo_model_generates_the_requested_class(demo_rois, demo_generated, one_torch_thread):
+    """A classifier trained on real phantom ROIs only ranks the generated ROIs by the class they were asked
+    for, clearly above chance: AUC, threshold-free (the phantoms' two grades are separable: checked first, on
+    the same real ROIs)."""
     from common.vqgan_transformer.evaluation import class_adherence, statistic_separability
 
     rois, labels = demo_rois
     assert statistic_separability(rois, labels, folds=4)["accuracy"]["mean"] > 0.7
-    run_bundle(NAME, DEMO, **{"class": "both", "count": 12, "seed": 0, "output_dir": str(tmp_path / "gen")})
-    generated, requested = load_generated(tmp_path / "gen")
+    generated, requested = demo_generated
+    assert requested.count(0) == requested.count(1) == 12
     scores = class_adherence(rois, labels, generated, requested)["statistics"]
-    assert scores["accuracy"] >= 0.7 and scores["auc"] >= 0.75, scores
+    assert scores["auc"] >= 0.75, scores
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known gap: the demo VQGAN decodes tumours darker and with a dim rim "
+                   "(generated mean about -0.3 against the real 0.05-0.23), so at the real data's threshold every "
+                   "generated ROI is called HGG (accuracy 0.5) although the ranking follows the class: see "
+                   "docs/README.md, Limits")
+def test_demo_rois_are_classified_as_real_ones_are(demo_rois, demo_generated, one_torch_thread):
+    """Realism on top of class adherence: the real-ROI classifier, at its own threshold, labels the generated
+    ROIs with their requested class (accuracy >= 0.7)."""
+    from common.vqgan_transformer.evaluation import class_adherence
+
+    rois, labels = demo_rois
+    generated, requested = demo_generated
+    scores = class_adherence(rois, labels, generated, requested)["statistics"]
+    assert scores["accuracy"] >= 0.7, scores
 
 
 @pytest.mark.slow
