@@ -152,11 +152,8 @@ class CodebookHealth:
         dead = torch.nonzero(net.code_age >= self.dead_after).reshape(-1)
         if dead.numel() == 0 or net.last_encodings is None:
             return 0
-        encodings = net.last_encodings.float()
-        alive = torch.ones(net.num_embeddings, dtype=torch.bool, device=dead.device)
-        alive[dead] = False
-        vectors = farthest_first(encodings, net.quantizer.embedding.weight.detach().float()[alive.to(
-            net.quantizer.embedding.weight.device)], dead.numel(), self.generator)
+        live = net.quantizer.embedding.weight.detach()[net.code_age < self.dead_after]
+        vectors = farthest_first(net.last_encodings, live, dead.numel(), self.generator)
         scale = vectors.std().clamp_min(1e-6) * self.noise
         vectors = vectors + torch.randn(vectors.shape, generator=self.generator).to(vectors.device) * scale
         if idist.get_world_size() > 1:  # noise included: every rank must set the very same vectors
