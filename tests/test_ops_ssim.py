@@ -54,6 +54,37 @@ def test_ssim_slabs_equal_one_block(monkeypatch):
     torch.testing.assert_close(ssim_map(x, y), whole, atol=1e-6, rtol=0)
 
 
+def test_in_place_autograd_and_map_paths_agree(monkeypatch):
+    """Without autograd the CPU path works in reused buffers and keeps only running sums; with autograd it
+    builds fresh tensors. Both, and the mean of the full map, must give one value, over one or many slabs."""
+    x, y = _pair((2, 3, 33, 20, 18))
+    for slab in (ssim_module._SLAB_VOXELS, 20 * 18 * 3):
+        monkeypatch.setattr(ssim_module, "_SLAB_VOXELS", slab)
+        with torch.no_grad():
+            in_place = ssim(x, y, reduction="channel")
+            ms_in_place = ms_ssim(x, y, kernel_size=5, weights=(0.5, 0.5), reduction="channel")
+        traced = ssim(x.clone().requires_grad_(True), y, reduction="channel")
+        ms_traced = ms_ssim(x.clone().requires_grad_(True), y, kernel_size=5, weights=(0.5, 0.5), reduction="channel")
+        torch.testing.assert_close(in_place, traced.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(in_place, ssim_map(x, y).flatten(2).mean(2), atol=1e-6, rtol=0)
+        torch.testing.assert_close(ms_in_place, ms_traced.detach(), atol=1e-6, rtol=0)
+        assert not torch.equal(in_place[0], in_place[1])  # cases and channels are not mixed up
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9, 8), (1, 2, 9, 10, 7)])
+def test_halving_equals_average_pooling(shape):
+    """MS-SSIM's 2x downsampling by strided views is avg_pool with kernel 2, odd last voxels dropped."""
+    import torch.nn.functional as F
+
+    x = torch.rand(shape, requires_grad=True)
+    pool = getattr(F, f"avg_pool{len(shape) - 2}d")
+    halved = ssim_module._halve(x)
+    torch.testing.assert_close(halved, pool(x, kernel_size=2), atol=1e-6, rtol=0)
+    halved.sum().backward()
+    assert torch.allclose(x.grad[..., :8, :6] if len(shape) == 4 else x.grad[..., :8, :10, :6],
+                          torch.tensor(0.5 ** (len(shape) - 2)))
+
+
 def test_conv_path_equals_shifted_sums():
     """The GPU path (grouped 1-D convolutions) and the CPU path (shifted sums) filter identically."""
     x = torch.rand(2, 3, 20, 18, 16)

@@ -5,7 +5,7 @@ The definitions are MONAI's (``SSIMMetric`` / ``MultiScaleSSIMMetric``) and scik
 Gaussian window (11 voxels, sigma 1.5), K1 0.01, K2 0.03, statistics only where the whole window fits
 (the "valid" region, no padding), averaged over voxels and channels. MONAI filters with one dense N-D
 window (11^3 = 1331 multiply-adds a voxel in 3-D per statistic); a Gaussian is separable, so three 1-D
-passes (33) give the same numbers. On a GPU the five statistics (x, y, x^2, y^2, xy) of every case and
+passes (33) give the same numbers. On a GPU the four statistics (x, y, x^2 + y^2, xy) of every case and
 channel are filtered together by grouped 1-D convolutions; on a CPU by sums of shifted views over slabs that
 fit in cache (PyTorch's CPU depthwise convolutions are several times slower). Everything stays on the
 tensors' device and is differentiable (losses use it).
@@ -37,10 +37,13 @@ def gaussian_window(kernel_size: int, sigma: float, dtype=torch.float32, device=
     return (g / g.sum()).to(dtype=dtype, device=device)
 
 
-def _shift_sum(x: torch.Tensor, dim: int, taps: Sequence[float]) -> torch.Tensor:
+def _shift_sum(x: torch.Tensor, dim: int, taps: Sequence[float], out: torch.Tensor | None = None) -> torch.Tensor:
     """Valid 1-D filtering along ``dim`` as a sum of shifted views (memory-bound, so run on cache-sized slabs)."""
     length = x.shape[dim] - len(taps) + 1
-    out = x.narrow(dim, 0, length) * taps[0]
+    if out is None:
+        out = x.narrow(dim, 0, length) * taps[0]
+    else:
+        torch.mul(x.narrow(dim, 0, length), taps[0], out=out)
     for i in range(1, len(taps)):
         out.add_(x.narrow(dim, i, length), alpha=taps[i])  # in place: autograd-safe (add saves nothing)
     return out
@@ -58,19 +61,22 @@ def _conv_blur(x: torch.Tensor, windows: Sequence[torch.Tensor]) -> torch.Tensor
     return x
 
 
-def _combine(mu_x, mu_y, mu_xx, mu_yy, mu_xy, c1: float, c2: float, offset) -> tuple[torch.Tensor, torch.Tensor]:
+def _combine(mu_x, mu_y, mu_sq, mu_xy, c1: float, c2: float, offset) -> tuple[torch.Tensor, torch.Tensor]:
     """SSIM and CS from local moments of images shifted by ``-offset`` (variances are shift-invariant; the
-    shift makes E[x^2] - E[x]^2 cancel far less in float32, at coarse MS-SSIM scales above all)."""
-    sigma_x = mu_xx - mu_x * mu_x
-    sigma_y = mu_yy - mu_y * mu_y
+    shift makes E[x^2] - E[x]^2 cancel far less in float32, at coarse MS-SSIM scales above all).
+
+    SSIM only needs the sum of the two variances, so ``mu_sq`` is the one filtered E[x^2 + y^2]: four
+    statistics to filter instead of five.
+    """
+    variances = mu_sq - mu_x * mu_x - mu_y * mu_y
     sigma_xy = mu_xy - mu_x * mu_y
-    cs = (2 * sigma_xy + c2) / (sigma_x + sigma_y + c2)
+    cs = (2 * sigma_xy + c2) / (variances + c2)
     mu_x, mu_y = mu_x + offset, mu_y + offset
     return (2 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1) * cs, cs
 
 
 # CPU slabs of about this many voxels (8 MB of float32) keep the shifted sums in cache: 2-3x faster than
-# filtering whole volumes, and the peak memory no longer grows with the five full-size statistics.
+# filtering whole volumes, and the peak memory no longer grows with the four full-size statistics.
 _SLAB_VOXELS = 2 ** 21
 def _check_pair(x: torch.Tensor, y: torch.Tensor, kernel_size: tuple) -> None:
     if x.shape != y.shape:
@@ -83,29 +89,111 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, kernel_size: tuple) -> None:
                          f"{kernel_size}; use a smaller kernel_size")
 
 
-def _ssim_and_cs(x, y, data_range, kernel_size, sigma, k1, k2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-voxel SSIM and contrast-sensitivity maps on the valid region, [B, C, *valid]."""
+def _ssim_and_cs(x, y, data_range, kernel_size, sigma, k1, k2, means: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-voxel SSIM and contrast-sensitivity maps on the valid region, [B, C, *valid]; with ``means`` their
+    averages per case and channel [B, C] (on a CPU without autograd the maps are then never held whole)."""
     dtype = x.dtype if x.dtype == torch.float64 else torch.float32
     x, y = x.to(dtype), y.to(dtype)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     # one offset per case and channel: the mean of both images
     offset = ((x.flatten(2).mean(2) + y.flatten(2).mean(2)) / 2).detach()
-    if x.is_cuda:  # all cases, contrasts and statistics in one tensor: five grouped convolutions in all
+    if x.is_cuda:  # all cases, contrasts and statistics in one tensor: one grouped convolution per axis
         channels = x.shape[1]
         off = offset.view(*offset.shape, *([1] * (x.ndim - 2)))
         x, y = x - off, y - off
         windows = [gaussian_window(k, s, dtype, x.device) for k, s in zip(kernel_size, sigma)]
-        stats = _conv_blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), windows)
-        return _combine(*stats.split(channels, dim=1), c1, c2, off)
+        stats = _conv_blur(torch.cat([x, y, torch.addcmul(x * x, y, y), x * y], dim=1), windows)
+        return _averaged(_combine(*stats.split(channels, dim=1), c1, c2, off), means)
     taps = [gaussian_window(k, s, torch.float64).tolist() for k, s in zip(kernel_size, sigma)]
     halo = kernel_size[0] - 1
     rows_out = x.shape[2] - halo
     per_row = max(1, x[0, 0, 0].numel())
     step = max(1, min(rows_out, _SLAB_VOXELS // per_row - halo))
-    grad = x.requires_grad or y.requires_grad
     valid = (*x.shape[:2], rows_out, *(s - k + 1 for s, k in zip(x.shape[3:], kernel_size[1:])))
-    ssim_out = None if grad else x.new_empty(valid)
-    cs_out = None if grad else x.new_empty(valid)
+    if x.requires_grad or y.requires_grad:
+        return _averaged(_ssim_and_cs_autograd(x, y, offset, taps, step, halo, valid, c1, c2), means)
+    scratch = _Scratch(x)
+    if means:
+        sums = torch.zeros(2, *x.shape[:2], dtype=torch.float64)
+    else:
+        ssim_out, cs_out = x.new_empty(valid), x.new_empty(valid)
+    for b in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            off = float(offset[b, c])
+            for r0 in range(0, rows_out, step):
+                r1 = min(r0 + step, rows_out)
+                xs = torch.sub(x[b, c, r0:r1 + halo], off, out=scratch("x", (r1 + halo - r0, *x.shape[3:])))
+                ys = torch.sub(y[b, c, r0:r1 + halo], off, out=scratch("y", xs.shape))
+                squares = torch.mul(xs, xs, out=scratch("squares", xs.shape)).addcmul_(ys, ys)
+                products = torch.mul(xs, ys, out=scratch("products", xs.shape))
+                stats = [_filter(stat, taps, scratch, f"mu{i}")
+                         for i, stat in enumerate((xs, ys, squares, products))]
+                if means:
+                    s_map, cs_map = scratch("ssim", stats[0].shape), scratch("cs", stats[0].shape)
+                else:
+                    s_map, cs_map = ssim_out[b, c, r0:r1], cs_out[b, c, r0:r1]
+                _combine_into(*stats, c1, c2, off, s_map, cs_map)
+                if means:
+                    sums[0, b, c] += float(s_map.sum())  # float32 sums are pairwise: exact enough
+                    sums[1, b, c] += float(cs_map.sum())
+    if means:
+        count = 1
+        for side in valid[2:]:
+            count *= side
+        means_ssim, means_cs = (sums / count).to(x.dtype)
+        return means_ssim, means_cs
+    return ssim_out, cs_out
+
+
+def _averaged(maps: tuple[torch.Tensor, torch.Tensor], means: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(m.flatten(2).mean(2) for m in maps) if means else maps
+
+
+class _Scratch:
+    """Reused flat buffers, one per name: without them every slab and pass allocates (and the OS zero-fills)
+    fresh megabytes, which costs as much as the filtering itself."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like, self.store = like, {}
+
+    def __call__(self, name: str, shape) -> torch.Tensor:
+        size = 1
+        for s in shape:
+            size *= s
+        flat = self.store.get(name)
+        if flat is None or flat.numel() < size:
+            flat = self.store[name] = self.like.new_empty(size)
+        return flat[:size].view(shape)
+
+
+def _filter(stat: torch.Tensor, taps, scratch: _Scratch | None = None, name: str = "") -> torch.Tensor:
+    """Valid separable filtering of one slab [R, *S], innermost axis first (the slab shrinks); the last pass
+    writes into the buffer ``name``, the others into buffers shared by every statistic."""
+    for axis in range(stat.ndim - 1, -1, -1):
+        out = None
+        if scratch is not None:
+            shape = list(stat.shape)
+            shape[axis] -= len(taps[axis]) - 1
+            out = scratch(name if axis == 0 else f"pass{axis}", shape)
+        stat = _shift_sum(stat, axis, taps[axis], out)
+    return stat
+
+
+def _combine_into(mu_x, mu_y, mu_sq, mu_xy, c1: float, c2: float, offset: float, ssim_out, cs_out) -> None:
+    """``_combine`` in place (no autograd), writing SSIM and CS into the given output views."""
+    mu_sq.addcmul_(mu_x, mu_x, value=-1).addcmul_(mu_y, mu_y, value=-1).add_(c2)  # variances + c2
+    mu_xy.addcmul_(mu_x, mu_y, value=-1).mul_(2).add_(c2)  # 2 covariance + c2
+    torch.div(mu_xy, mu_sq, out=cs_out)
+    mu_x.add_(offset)
+    mu_y.add_(offset)
+    torch.mul(mu_x, mu_y, out=mu_xy).mul_(2).add_(c1)  # luminance numerator
+    mu_x.mul_(mu_x).addcmul_(mu_y, mu_y).add_(c1)  # luminance denominator
+    torch.div(mu_xy, mu_x, out=ssim_out).mul_(cs_out)
+
+
+def _ssim_and_cs_autograd(x, y, offset, taps, step, halo, valid, c1, c2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU path for losses: the same slabs with fresh tensors, so autograd can trace every step."""
+    rows_out = valid[2]
     ssim_rows, cs_rows = [], []
     for b in range(x.shape[0]):
         for c in range(x.shape[1]):
@@ -114,24 +202,13 @@ def _ssim_and_cs(x, y, data_range, kernel_size, sigma, k1, k2) -> tuple[torch.Te
                 r1 = min(r0 + step, rows_out)
                 off = offset[b, c]
                 xs, ys = x[b, c, r0:r1 + halo] - off, y[b, c, r0:r1 + halo] - off
-                stats = []
-                for stat in (xs, ys, xs * xs, ys * ys, xs * ys):
-                    for axis in range(stat.ndim - 1, -1, -1):  # innermost axis first: the slab shrinks
-                        stat = _shift_sum(stat, axis, taps[axis])
-                    stats.append(stat)
+                stats = [_filter(stat, taps) for stat in (xs, ys, torch.addcmul(xs * xs, ys, ys), xs * ys)]
                 s_map, cs_map = _combine(*stats, c1, c2, off)
-                if grad:
-                    ssim_parts.append(s_map)
-                    cs_parts.append(cs_map)
-                else:
-                    ssim_out[b, c, r0:r1] = s_map
-                    cs_out[b, c, r0:r1] = cs_map
-            if grad:
-                ssim_rows.append(torch.cat(ssim_parts))
-                cs_rows.append(torch.cat(cs_parts))
-    if grad:
-        return torch.stack(ssim_rows).view(valid), torch.stack(cs_rows).view(valid)
-    return ssim_out, cs_out
+                ssim_parts.append(s_map)
+                cs_parts.append(cs_map)
+            ssim_rows.append(torch.cat(ssim_parts))
+            cs_rows.append(torch.cat(cs_parts))
+    return torch.stack(ssim_rows).view(valid), torch.stack(cs_rows).view(valid)
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, kernel_size: int | Sequence[int] = 11,
@@ -171,16 +248,32 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, kernel_size:
     that lie in the valid region, so a region's score sees the real image around it (no artificial edge);
     a sample/channel whose mask has no valid voxel gives NaN.
     """
-    smap = ssim_map(x, y, data_range, kernel_size, sigma, k1, k2)
+    dims = x.ndim - 2
+    kernel_size, sigma = _per_axis(kernel_size, dims, "kernel_size"), _per_axis(sigma, dims, "sigma")
+    _check_pair(x, y, kernel_size)
     if mask is None:
-        per_channel = smap.flatten(2).mean(2)
+        per_channel = _ssim_and_cs(x, y, data_range, kernel_size, sigma, k1, k2, means=True)[0]
     else:
+        smap = _ssim_and_cs(x, y, data_range, kernel_size, sigma, k1, k2)[0]
         if mask.ndim != x.ndim or mask.shape[2:] != x.shape[2:]:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match images {tuple(x.shape)}")
         m = crop_valid(mask.to(torch.bool), _per_axis(kernel_size, x.ndim - 2, "kernel_size"))
         m = m.expand_as(smap).to(smap.dtype)
         per_channel = (smap * m).flatten(2).sum(2) / m.flatten(2).sum(2)
     return _reduce(per_channel, reduction)
+
+
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    """2x average pooling of every spatial axis (``avg_pool`` with kernel 2: an odd last voxel is dropped) as
+    sums of strided views, about 3x faster than PyTorch's CPU ``avg_pool3d``."""
+    for axis in range(2, x.ndim):
+        even = x.narrow(axis, 0, x.shape[axis] // 2 * 2)
+        pick = [slice(None)] * x.ndim
+        pick[axis] = slice(0, None, 2)
+        first = even[tuple(pick)]
+        pick[axis] = slice(1, None, 2)
+        x = first + even[tuple(pick)]
+    return x.mul_(0.5 ** (x.ndim - 2))
 
 
 def ms_ssim_min_size(kernel_size: int = 11, n_scales: int = 5) -> int:
@@ -210,15 +303,14 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, kernel_si
         _reduce(x, reduction)  # raises the message
     per_channel = reduction == "channel"
     w = torch.as_tensor(weights, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype, device=x.device)
-    pool = getattr(F, f"avg_pool{dims}d")
     terms = []
     for scale in range(len(weights)):
-        s, cs = _ssim_and_cs(x, y, data_range, kernel_size, sigma, k1, k2)
+        s, cs = _ssim_and_cs(x, y, data_range, kernel_size, sigma, k1, k2, means=True)
         value = s if scale == len(weights) - 1 else cs
-        value = value.flatten(2).mean(2) if per_channel else value.flatten(1).mean(1)
+        value = value if per_channel else value.mean(1)  # every channel has the same number of voxels
         terms.append(torch.relu(value))
         if scale < len(weights) - 1:
-            x, y = pool(x, kernel_size=2), pool(y, kernel_size=2)
+            x, y = _halve(x), _halve(y)
     stacked = torch.stack(terms)  # [scales, B] or [scales, B, C]
     value = torch.prod(stacked ** w.view(-1, *([1] * (stacked.ndim - 1))), dim=0)
     if reduction == "mean":
