@@ -281,7 +281,8 @@ def phantom_grade_separability(n: int = 32, shape: Sequence[int] = (64, 64, 40),
 
 
 def compare_decoders(vqgan, transformer, real: Mapping[str, Sequence], count: int = 8, steps: int = 12,
-                     guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 4) -> dict:
+                     guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 4,
+                     choice_temperature: float = 4.5) -> dict:
     """Raster against MaskGIT decoding of one trained model, side by side: network passes, seconds and MMD to
     the real ROIs per class (``real``: class name -> ROIs). The issue's goal: >= 30x fewer passes at equal or
     better MMD."""
@@ -291,7 +292,8 @@ def compare_decoders(vqgan, transformer, real: Mapping[str, Sequence], count: in
     out = {}
     for method in ("raster", "maskgit"):
         res = generate_rois(vqgan, transformer, "both", count, seeds=seed, method=method, steps=steps,
-                            guidance_scale=guidance_scale, batch_size=batch_size, progress=False)
+                            guidance_scale=guidance_scale, choice_temperature=choice_temperature,
+                            batch_size=batch_size, progress=False)
         row = {"network_passes": res["network_passes"], "seconds": res["seconds"], "n_per_class": count}
         for cls in real:
             synth = [img for img, c in zip(res["images"], res["classes"]) if c == cls]
