@@ -13,6 +13,7 @@ tensors' device and is differentiable (losses use it).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -137,10 +138,7 @@ def _ssim_and_cs(x, y, data_range, kernel_size, sigma, k1, k2, means: bool = Fal
                     sums[0, b, c] += float(s_map.sum())  # float32 sums are pairwise: exact enough
                     sums[1, b, c] += float(cs_map.sum())
     if means:
-        count = 1
-        for side in valid[2:]:
-            count *= side
-        means_ssim, means_cs = (sums / count).to(x.dtype)
+        means_ssim, means_cs = (sums / math.prod(valid[2:])).to(x.dtype)
         return means_ssim, means_cs
     return ssim_out, cs_out
 
@@ -157,9 +155,7 @@ class _Scratch:
         self.like, self.store = like, {}
 
     def __call__(self, name: str, shape) -> torch.Tensor:
-        size = 1
-        for s in shape:
-            size *= s
+        size = math.prod(shape)
         flat = self.store.get(name)
         if flat is None or flat.numel() < size:
             flat = self.store[name] = self.like.new_empty(size)
@@ -257,7 +253,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, kernel_size:
         smap = _ssim_and_cs(x, y, data_range, kernel_size, sigma, k1, k2)[0]
         if mask.ndim != x.ndim or mask.shape[2:] != x.shape[2:]:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match images {tuple(x.shape)}")
-        m = crop_valid(mask.to(torch.bool), _per_axis(kernel_size, x.ndim - 2, "kernel_size"))
+        m = crop_valid(mask.to(torch.bool), kernel_size)
         m = m.expand_as(smap).to(smap.dtype)
         per_channel = (smap * m).flatten(2).sum(2) / m.flatten(2).sum(2)
     return _reduce(per_channel, reduction)
