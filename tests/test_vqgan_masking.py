@@ -76,6 +76,34 @@ def test_hybrid_masking_fractions_and_schedule():
     assert not out.is_replaced.any()
 
 
+def test_plain_share_masks_as_maskgit_does():
+    """plain_ratio: that share of samples ignores the importance map (cosine ratio, random tokens), so the
+    transformer also sees mostly revealed grids; the rest still mask the whole important region."""
+    b = 600
+    tokens = torch.randint(0, K, (b, 8, 8, 8), generator=torch.Generator().manual_seed(1))
+    scores = constructed_scores().expand(b, -1, -1, -1)
+    region = expected_region().reshape(-1)
+    out = HybridMasking(K, topk_ratio=3 / 512, mask_ratio="cosine", random_ratio=0.0, plain_ratio=0.5)(
+        tokens, scores, generator=torch.Generator().manual_seed(2))
+    covers = out.is_mask[:, region].all(1)
+    ratios = out.is_mask.float().mean(1)
+    # a random mask covers all 63 region tokens almost never; hybrid samples always do
+    assert 0.4 < float((~covers).float().mean()) < 0.6
+    assert abs(float(ratios[~covers].mean()) - 2 / math.pi) < 0.08  # MaskGIT's mean ratio
+    assert float(ratios[covers].min()) >= float(region.sum()) / 512
+    hybrid_only = HybridMasking(K, topk_ratio=3 / 512, mask_ratio="cosine", random_ratio=0.0)(
+        tokens, scores, generator=torch.Generator().manual_seed(2))
+    assert hybrid_only.is_mask[:, region].all()
+    # plain_ratio 1: the score map no longer matters, the masking ratio is MaskGIT's (mean 2 / pi)
+    plain = HybridMasking(K, topk_ratio=0.25, mask_ratio=None, random_ratio=0.0, plain_ratio=1.0)
+    a = plain(tokens, scores, generator=torch.Generator().manual_seed(3))
+    c = plain(tokens, torch.rand(b, 8, 8, 8), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.is_mask, c.is_mask)
+    assert abs(float(a.is_mask.float().mean()) - 2 / math.pi) < 0.05
+    with pytest.raises(ValueError, match="plain_ratio"):
+        HybridMasking(K, plain_ratio=1.5)
+
+
 def test_hybrid_masking_bad_settings():
     with pytest.raises(ValueError, match="needs the importance scores"):
         HybridMasking(K, topk_ratio=0.25)(torch.zeros(1, 8, 8, 8, dtype=torch.long))
