@@ -78,6 +78,23 @@ def check_bool(flag: str, value: Any) -> bool:
     return parsed
 
 
+def check_bool_list(flag: str, value: Any) -> tuple[bool, ...]:
+    """A list of on/off values as the bundle CLI delivers it: fire reads ``--x [false,true]`` as the texts
+    ['false', 'true'], both true to Python (every level silently on); each item is read as :func:`check_bool` does."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value.strip().lower())
+        except ValueError:
+            value = None
+        check_flag(flag, isinstance(value, list), "must be a list of true/false values, e.g. [false,true]")
+    check_flag(flag, isinstance(value, (list, tuple)), f"must be a list of true/false values, got {value!r}")
+    parsed = tuple(text_bool(v) for v in value)
+    check_flag(flag, None not in parsed, f"must be a list of true/false values, got {list(value)!r}")
+    return parsed
+
+
 def check_choice(flag: str, value: Any, choices: Iterable[Any]) -> Any:
     """``value`` if it is one of ``choices``, else a refusal naming the flag and the choices."""
     choices = tuple(choices)

@@ -65,3 +65,26 @@ def test_network_and_sampler_flags_read_false_as_off():
         make_scheduler("ddim", clip_sample="sometimes")
     with pytest.raises(DataError, match="--ae_gradient_checkpointing"):  # the id a user sets, not the argument
         build_autoencoder(1, 1, channels=(8, 8), num_res_blocks=1, norm_num_groups=4, use_checkpoint="maybe")
+
+
+def test_attention_levels_read_false_as_off_as_fire_delivers_them():
+    """fire reads ``--unet_attention_levels [false,true]`` as ['false', 'true']: both texts are true to Python, which
+    silently put attention at every level (16x slower tiny training at 16^3, where level 0 has 4096 tokens)."""
+    from fire.parser import DefaultParseValue
+
+    from common.networks import build_unet
+
+    def unet(levels):
+        return build_unet(1, 1, base_channels=8, channel_mult=(1, 1), attention_levels=levels, num_res_blocks=1,
+                          num_head_channels=8, norm_num_groups=4)
+
+    delivered = DefaultParseValue("[false,true]")
+    assert delivered == ["false", "true"]
+    for levels in (delivered, "[false, true]", (False, True), ["0", "1"]):
+        net = unet(levels)
+        assert not hasattr(net.down_blocks[0], "attentions") and hasattr(net.down_blocks[1], "attentions"), levels
+    assert not hasattr(unet(["false", "false"]).down_blocks[1], "attentions")
+    for bad in (["false", "maybe"], "false", 1):
+        with pytest.raises(DataError, match="--unet_attention_levels: must be a list of true/false values"):
+            unet(bad)
+

@@ -9,7 +9,7 @@ import torch
 
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
-from common.io import check_bool
+from common.io import check_bool, check_bool_list
 
 __all__ = ["one_hot_labels", "build_autoencoder", "build_unet", "checkpoint_blocks"]
 
@@ -75,7 +75,7 @@ def build_unet(
         in_channels=in_channels + condition_channels,
         out_channels=in_channels if out_channels is None else out_channels,
         channels=tuple(base_channels * m for m in channel_mult),
-        attention_levels=tuple(attention_levels),
+        attention_levels=check_bool_list("unet_attention_levels", attention_levels),  # the bundle id users set
         num_res_blocks=num_res_blocks,
         num_head_channels=num_head_channels,
         with_conditioning=cross_attention_dim is not None,
