@@ -27,7 +27,10 @@ def pytest_collection_modifyitems(config, items):
 def _limit_threads():
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # under pytest-xdist (make test: -n 2) each worker gets its share of the cores: 2 workers x 2 threads on 2
+    # cores oversubscribe, and OpenMP's spinning then slows both
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
 @pytest.fixture(scope="module")
