@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_output
 # Tests run in 2 pytest-xdist workers: most tests keep one core busy, so one process left the second core idle
-# (CPU time 1.2x the wall time); 2 workers take 20 min on 2 cores. --dist loadfile keeps each test file in one
+# (CPU time 1.2x the wall time); 2 workers take about 21 min on 2 cores. --dist loadfile keeps each test file in one
 # worker, so module fixtures are made once; each worker limits torch to its share of the cores (tests/conftest.py).
 # PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 2
